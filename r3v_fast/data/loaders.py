@@ -1,0 +1,291 @@
+"""Loaders: public VQA dataset files -> :class:`~r3v_fast.data.records.Record` lists.
+
+``load_dataset(path, fmt="auto")`` reads one annotation file. Formats and the fields read:
+
+``jsonl``       our own format (:mod:`r3v_fast.data.records`).
+``mmsi``        MM-Self-Improve JSON: a list of ``{"id"?, "image", "conversations": [user, assistant]}``
+                where a turn is ``{"from": "user"|"human", "value": ...}`` /
+                ``{"from": "assistant"|"gpt", "value": ...}``. ``<image>`` tags are removed from
+                the user text; trailing option lines ("A. ...", "(B) ...", "C: ...", optionally
+                under a "Choices:"/"Options:" header) become ``choices``. The assistant value is
+                the answer, or a CoT whose text after the last "Answer:" is the answer (the full
+                CoT is kept in ``meta["response"]``). The dataset name comes from ``dataset=``,
+                else from the file name (geoqa, m3cot, chartqa, ...), else "mmsi".
+``chartqa``     raw ChartQA: a list of ``{"imgname", "query", "label"}``; images in ``<dir>/png``.
+``tabmwp``      raw TabMWP ``problems_*.json``: a dict keyed by problem id with ``question``,
+                ``choices`` (list or null), ``unit`` (str or null), ``answer``; images
+                ``<dir>/tables/<id>.png``.
+``clevr-math``  a list (JSON) or lines (JSONL) of ``{"filename", "question", "answer"}``;
+                images in ``<dir>/images``.
+``geoqa``, ``m3cot``  multiple choice, a JSON list or JSONL of objects with
+                ``question``; ``choices`` or ``options`` (a list, or a dict keyed by letter);
+                ``answer`` (a letter, a 0-based index, or the text of an option); the image in
+                ``image`` / ``image_path`` / ``img`` / ``filename``; the id in ``id`` /
+                ``question_id`` / ``pid`` (else ``<file stem>-<index>``). M3CoT's optional
+                ``context`` is put before the question. The answer is stored as a letter.
+
+``image_root`` overrides the image directory named above (default: the file's directory for
+``jsonl``, ``mmsi``, ``geoqa`` and ``m3cot``). Every image path must stay inside the image
+root. ``strict=True`` raises :class:`DataError` at the first bad record, naming the file and
+the line (JSONL) or item index / id (JSON); ``strict=False`` skips such records and counts
+them in the returned :class:`LoadReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from .records import DataError, LoadReport, Record, collect, load_rows, record_from_json, resolve_image
+
+__all__ = ["FORMATS", "load_dataset", "detect_format", "split_choices"]
+
+FORMATS = ("auto", "jsonl", "mmsi", "chartqa", "tabmwp", "clevr-math", "geoqa", "m3cot")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_KNOWN_NAMES = ("geoqa", "m3cot", "chartqa", "tabmwp", "clevr-math", "clevr_math", "shapes-math")
+
+
+def _read_items(path: Path) -> list[tuple[str, object]]:
+    """(location, object) pairs: JSON list -> items, JSON dict -> values by key, else JSONL lines."""
+    if path.suffix.lower() != ".json":
+        return load_rows(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}",
+                        "malformed json") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read file: {err}", "unreadable file") from None
+    if isinstance(data, list):
+        return [(f"{path}, item {i}", item) for i, item in enumerate(data)]
+    if isinstance(data, dict):  # TabMWP: keyed by problem id; the key travels with the item
+        return [(f"{path}, id {key!r}", (key, item)) for key, item in data.items()]
+    raise DataError(f"{path}: expected a JSON list or object at top level", "bad value")
+
+
+def _name_from_file(path: Path) -> str | None:
+    name = path.name.lower()
+    for known in _KNOWN_NAMES:
+        if known in name:
+            return known.replace("_", "-")
+    return None
+
+
+def detect_format(path: str | os.PathLike, items=None) -> str:
+    """Guess the format of ``path`` from the keys of its first well-formed item."""
+    path = Path(path)
+    items = _read_items(path) if items is None else items
+    first = next((obj for _, obj in items if not isinstance(obj, DataError)), None)
+    if isinstance(first, tuple):  # dict keyed by id
+        return "tabmwp"
+    if not isinstance(first, dict):
+        raise DataError(f"{path}: cannot detect the format (no well-formed item); pass fmt=",
+                        "unknown format")
+    keys = set(first)
+    if {"id", "image", "question", "answer", "dataset"} <= keys:
+        return "jsonl"
+    if "conversations" in keys:
+        return "mmsi"
+    if {"imgname", "query", "label"} <= keys:
+        return "chartqa"
+    if "filename" in keys and "question" in keys and not keys & {"choices", "options"}:
+        return "clevr-math"
+    if keys & {"choices", "options"}:
+        name = _name_from_file(path)
+        if name in ("geoqa", "m3cot"):
+            return name
+        raise DataError(f"{path}: multiple-choice file, but the name tells neither geoqa nor "
+                        "m3cot; pass fmt='geoqa' or fmt='m3cot'", "unknown format")
+    raise DataError(f"{path}: cannot detect the format from keys {sorted(keys)}; pass fmt=",
+                    "unknown format")
+
+
+def _field(obj, names: tuple[str, ...], where: str, *, required: bool = True):
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}", "bad value")
+    for name in names:
+        if name in obj and obj[name] is not None:
+            return obj[name]
+    if required:
+        raise DataError(f"{where}: missing field {' / '.join(names)}", "missing field")
+    return None
+
+
+def _answer_text(value, where: str) -> str:
+    """Gold answers arrive as str, int or float; store them as text (7.0 -> "7")."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: answer must be a string or a number, got {value!r}", "bad value")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _record(where: str, **fields) -> Record:
+    try:
+        return Record(**fields)
+    except DataError as err:
+        raise DataError(f"{where}: {err}", err.reason) from None
+
+
+# -- multiple-choice helpers ------------------------------------------------------------------
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])\s*[).:：]\s*(.+?)\s*$")
+_CHOICES_HEADER = re.compile(r"^\s*(choices|options)\s*[:：]?\s*$", re.IGNORECASE)
+
+
+def split_choices(text: str) -> tuple[str, tuple[str, ...] | None]:
+    """Split trailing option lines ("A. x", "(B) y", "C: z") off a question; None if there are none.
+
+    The options must be the last lines, labelled A, B, C, ... in order, at least two of them.
+    """
+    lines = text.rstrip().split("\n")
+    options: list[str] = []
+    i = len(lines)
+    while i > 0:
+        match = _OPTION_LINE.match(lines[i - 1])
+        if not match:
+            break
+        options.insert(0, match.group(1) + match.group(2))
+        i -= 1
+    labels = "".join(o[0] for o in options)
+    if len(options) < 2 or labels != _LETTERS[:len(options)]:
+        return text.strip(), None
+    if i > 0 and _CHOICES_HEADER.match(lines[i - 1]):
+        i -= 1
+    return "\n".join(lines[:i]).strip(), tuple(o[1:] for o in options)
+
+
+def _choices(value, where: str) -> tuple[str, ...]:
+    if isinstance(value, dict):  # {"A": "...", "B": "..."}: order by letter
+        value = [value[k] for k in sorted(value)]
+    if not isinstance(value, list) or len(value) < 2:
+        raise DataError(f"{where}: choices must be a list of at least 2 options", "bad value")
+    if len(value) > len(_LETTERS):
+        raise DataError(f"{where}: too many choices ({len(value)})", "bad value")
+    return tuple(_answer_text(c, where) for c in value)
+
+
+def _answer_letter(answer, choices: tuple[str, ...], where: str) -> str:
+    """Gold answer as an option letter: from a letter, a 0-based index or the option text."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if 0 <= answer < len(choices):
+            return _LETTERS[answer]
+        raise DataError(f"{where}: answer index {answer} out of range for {len(choices)} choices",
+                        "bad value")
+    text = _answer_text(answer, where)
+    letter = text.strip("()").upper()
+    if len(letter) == 1 and letter in _LETTERS[:len(choices)]:
+        return letter
+    for i, choice in enumerate(choices):
+        if choice.strip().lower() == text.lower():
+            return _LETTERS[i]
+    raise DataError(f"{where}: answer {text!r} is neither an option letter nor an option",
+                    "bad value")
+
+
+# -- per-format converters: (obj, where) -> Record ----------------------------------------------
+
+def _mmsi(obj, where, *, root, dataset, stem, index):
+    convo = _field(obj, ("conversations",), where)
+    if not isinstance(convo, list):
+        raise DataError(f"{where}: conversations must be a list", "bad value")
+    user = next((t for t in convo if isinstance(t, dict) and t.get("from") in ("user", "human")), None)
+    bot = next((t for t in convo if isinstance(t, dict) and t.get("from") in ("assistant", "gpt")), None)
+    if user is None or bot is None:
+        raise DataError(f"{where}: conversations need a user and an assistant turn", "missing field")
+    user_text, response = _field(user, ("value",), where), _field(bot, ("value",), where)
+    if not isinstance(user_text, str) or not isinstance(response, str):
+        raise DataError(f"{where}: conversation values must be strings", "bad value")
+    question, choices = split_choices(user_text.replace("<image>", "").strip())
+    answer, meta = response.strip(), None
+    tail = re.split(r"answer\s*:", response, flags=re.IGNORECASE)
+    if len(tail) > 1:  # a CoT target: the answer is the first line after the last "Answer:"
+        answer = tail[-1].strip().split("\n")[0].strip()
+        meta = {"response": response}
+    if choices is not None and answer:
+        answer = _answer_letter(answer, choices, where)
+    image = resolve_image(_field(obj, ("image",), where), root, where=where)
+    rid = str(obj.get("id") or f"{stem}-{index}")
+    return _record(where, id=rid, image=image, question=question, answer=answer,
+                   dataset=dataset, choices=choices, meta=meta)
+
+
+def _chartqa(obj, where, *, root, dataset, stem, index):
+    image = resolve_image(_field(obj, ("imgname",), where), root, where=where)
+    return _record(where, id=f"{stem}-{index}", image=image, question=_field(obj, ("query",), where),
+                   answer=_answer_text(_field(obj, ("label",), where), where), dataset=dataset)
+
+
+def _tabmwp(item, where, *, root, dataset, stem, index):
+    if not isinstance(item, tuple):
+        raise DataError(f"{where}: TabMWP files are a JSON object keyed by problem id", "bad value")
+    key, obj = item
+    choices = _field(obj, ("choices",), where, required=False)
+    unit = _field(obj, ("unit",), where, required=False)
+    image = resolve_image(f"{key}.png", root, where=where)
+    return _record(where, id=str(key), image=image, question=_field(obj, ("question",), where),
+                   answer=_answer_text(_field(obj, ("answer",), where), where), dataset=dataset,
+                   choices=_choices(choices, where) if choices else None, unit=unit or None)
+
+
+def _clevr(obj, where, *, root, dataset, stem, index):
+    image = resolve_image(_field(obj, ("filename",), where), root, where=where)
+    rid = str(obj.get("id") or f"{stem}-{index}")
+    return _record(where, id=rid, image=image, question=_field(obj, ("question",), where),
+                   answer=_answer_text(_field(obj, ("answer",), where), where), dataset=dataset)
+
+
+def _multiple_choice(obj, where, *, root, dataset, stem, index):
+    question = _field(obj, ("question",), where)
+    context = obj.get("context") if isinstance(obj, dict) else None
+    if isinstance(question, str) and isinstance(context, str) and context.strip():
+        question = f"{context.strip()}\n{question}"
+    choices = _choices(_field(obj, ("choices", "options"), where), where)
+    answer = _answer_letter(_field(obj, ("answer",), where), choices, where)
+    image = resolve_image(_field(obj, ("image", "image_path", "img", "filename"), where), root,
+                          where=where)
+    rid = str(_field(obj, ("id", "question_id", "pid"), where, required=False) or f"{stem}-{index}")
+    return _record(where, id=rid, image=image, question=question, answer=answer,
+                   dataset=dataset, choices=choices)
+
+
+_CONVERTERS = {"mmsi": _mmsi, "chartqa": _chartqa, "tabmwp": _tabmwp, "clevr-math": _clevr,
+               "geoqa": _multiple_choice, "m3cot": _multiple_choice}
+_DEFAULT_IMAGE_DIR = {"chartqa": "png", "tabmwp": "tables", "clevr-math": "images"}
+
+
+def load_dataset(path: str | os.PathLike, *, fmt: str = "auto", image_root=None, strict: bool = True,
+                 check_images: bool = False, dataset: str | None = None
+                 ) -> tuple[list[Record], LoadReport]:
+    """Load one annotation file as records (see the module docstring for the formats).
+
+    ``dataset`` overrides the dataset name stored in the records (it picks the judge);
+    by default it is the format's name.
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file", "missing file")
+    items = _read_items(path)
+    if fmt == "auto":
+        fmt = detect_format(path, items)
+    if fmt == "jsonl":
+        root = os.path.abspath(image_root if image_root is not None else path.parent)
+
+        def convert(obj, where):
+            rec = record_from_json(obj, where=where, root=root, explicit_root=image_root is not None)
+            return rec if dataset is None else replace(rec, dataset=dataset)
+    else:
+        root = image_root if image_root is not None else path.parent / _DEFAULT_IMAGE_DIR.get(fmt, "")
+        name = dataset or ((_name_from_file(path) or "mmsi") if fmt == "mmsi" else fmt)
+        converter = _CONVERTERS[fmt]
+        positions = {where: i for i, (where, _) in enumerate(items)}
+
+        def convert(obj, where):
+            return converter(obj, where, root=os.path.abspath(root), dataset=name,
+                             stem=path.stem, index=positions[where])
+    return collect(items, str(path), strict=strict, check_images=check_images, convert=convert)
