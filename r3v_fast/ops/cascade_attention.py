@@ -1,0 +1,194 @@
+"""Cascade decode attention for shared-prefix sampling: public functions and backend dispatch.
+
+One decode step of K branches per question, where every branch reads one shared copy of its
+question's prefix KV plus its own suffix KV (see r3v_fast.reference.cascade_attention for the
+algebra). Shapes, for Q questions x K branches, H query heads, Hkv KV heads (H % Hkv == 0):
+
+    q                   [Q, K, H, Dh]          one new query token per branch
+    prefix_k, prefix_v  [N, Hkv, P_max, Dh]    prefix pool (N = Q unless prefix_index is given)
+    prefix_lens         [Q]   int              valid prefix length read by question q
+    prefix_index        [Q]   int, optional    slot of prefix_k/v that question q reads
+    suffix_k, suffix_v  [Q, K, Hkv, S_max, Dh] each branch's generated-token KV
+    suffix_lens         [Q, K] int             0 = empty suffix
+    -> o [Q, K, H, Dh] in q's dtype (+ lse [Q, K, H] float32, natural log, if return_lse)
+
+Head h of a branch reads KV head h // (H / Hkv) (the repeat_interleave convention of HF GQA).
+Lengths are clamped to the buffer size; positions past a length are padding and never read.
+Any strides are accepted, so cache views (e.g. one slice of a preallocated [.., S_cap, Dh]
+buffer) go in without copies. The functions are inference-only (no autograd) and do no host
+synchronisation, so lengths are not range-checked against the data.
+
+Backends (DESIGN §3): "triton" (CUDA; or CPU tensors under TRITON_INTERPRET=1), "torch"
+(the reference, also the CPU path). "auto" picks triton for CUDA tensors when Triton imports,
+else torch. The R3V_BACKEND environment variable replaces "auto"; since this op has no C++
+kernel, R3V_BACKEND=cpp means its CPU path, torch. An explicit backend that cannot run raises.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from r3v_fast.reference import cascade_attention as _reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        backend = os.environ.get("R3V_BACKEND", "auto") or "auto"
+        if backend == "cpp":  # no C++ kernel for this op: its CPU path is the torch reference
+            backend = "torch"
+    if backend not in BACKENDS and backend != "cpp":
+        raise ValueError(f"cascade attention: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "cpp":
+        raise ValueError("cascade attention: no 'cpp' backend for this op; use 'torch' or 'triton'")
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("cascade attention: backend='triton' requested but Triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"cascade attention: backend='triton' needs CUDA tensors (got {device}); "
+                               "set TRITON_INTERPRET=1 to run the kernel on the CPU interpreter")
+    return backend
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"cascade attention: {message}")
+
+
+def _validate(q: Tensor, prefix=None, suffix=None, prefix_index=None) -> None:
+    """Shape/dtype/device checks with messages that name the offending argument."""
+    _check(q.dim() == 4, f"q must be [Q, K, H, Dh], got shape {tuple(q.shape)}")
+    _check(q.is_floating_point(), f"q must be floating point, got {q.dtype}")
+    num_q, num_branches, num_heads, head_dim = q.shape
+    if prefix is not None:
+        prefix_k, prefix_v, prefix_lens = prefix
+        _check(prefix_k.dim() == 4, f"prefix_k must be [N, Hkv, P_max, Dh], got {tuple(prefix_k.shape)}")
+        _check(prefix_v.shape == prefix_k.shape,
+               f"prefix_v shape {tuple(prefix_v.shape)} != prefix_k shape {tuple(prefix_k.shape)}")
+        _check(prefix_k.shape[3] == head_dim, f"prefix_k head dim {prefix_k.shape[3]} != q head dim {head_dim}")
+        _check(num_heads % prefix_k.shape[1] == 0,
+               f"query heads {num_heads} not a multiple of prefix KV heads {prefix_k.shape[1]}")
+        _check(tuple(prefix_lens.shape) == (num_q,),
+               f"prefix_lens must be [Q={num_q}], got {tuple(prefix_lens.shape)}")
+        _check(not prefix_lens.is_floating_point(), f"prefix_lens must be integer, got {prefix_lens.dtype}")
+        if prefix_index is None:
+            _check(prefix_k.shape[0] == num_q,
+                   f"prefix_k has {prefix_k.shape[0]} prefixes for {num_q} questions; pass prefix_index")
+        else:
+            _check(tuple(prefix_index.shape) == (num_q,),
+                   f"prefix_index must be [Q={num_q}], got {tuple(prefix_index.shape)}")
+            _check(not prefix_index.is_floating_point(), f"prefix_index must be integer, got {prefix_index.dtype}")
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            _check(t.dtype == q.dtype, f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+    if suffix is not None:
+        suffix_k, suffix_v, suffix_lens = suffix
+        _check(suffix_k.dim() == 5, f"suffix_k must be [Q, K, Hkv, S_max, Dh], got {tuple(suffix_k.shape)}")
+        _check(suffix_v.shape == suffix_k.shape,
+               f"suffix_v shape {tuple(suffix_v.shape)} != suffix_k shape {tuple(suffix_k.shape)}")
+        _check(tuple(suffix_k.shape[:2]) == (num_q, num_branches) and suffix_k.shape[4] == head_dim,
+               f"suffix_k shape {tuple(suffix_k.shape)} does not match q [Q={num_q}, K={num_branches}, "
+               f"H, Dh={head_dim}]")
+        _check(num_heads % suffix_k.shape[2] == 0,
+               f"query heads {num_heads} not a multiple of suffix KV heads {suffix_k.shape[2]}")
+        _check(tuple(suffix_lens.shape) == (num_q, num_branches),
+               f"suffix_lens must be [Q={num_q}, K={num_branches}], got {tuple(suffix_lens.shape)}")
+        _check(not suffix_lens.is_floating_point(), f"suffix_lens must be integer, got {suffix_lens.dtype}")
+        for name, t in (("suffix_k", suffix_k), ("suffix_v", suffix_v)):
+            _check(t.dtype == q.dtype, f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+    if prefix is not None and suffix is not None:
+        _check(prefix[0].shape[1] == suffix[0].shape[2],
+               f"prefix KV heads {prefix[0].shape[1]} != suffix KV heads {suffix[0].shape[2]}")
+    tensors = [q, *(prefix or ()), *(suffix or ())] + ([prefix_index] if prefix_index is not None else [])
+    for t in tensors:
+        _check(t.device == q.device, f"all inputs must be on {q.device}; found one on {t.device}")
+
+
+def cascade_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor,
+                             suffix_k: Tensor, suffix_v: Tensor, suffix_lens: Tensor, *,
+                             scale: float | None = None, prefix_index: Tensor | None = None,
+                             return_lse: bool = False, num_splits: int | None = None,
+                             backend: str = "auto"):
+    """Attention of each branch's new query over [its question's prefix ; its own suffix].
+
+    scale defaults to 1/sqrt(Dh). num_splits (triton only) splits the key length over that
+    many programs plus a merge pass; None picks it from the shapes (more splits when
+    Q * Hkv programs underfill the GPU). Returns o, or (o, lse) if return_lse.
+    """
+    _validate(q, (prefix_k, prefix_v, prefix_lens), (suffix_k, suffix_v, suffix_lens), prefix_index)
+    if _resolve_backend(backend, q.device) == "torch":
+        return _reference.cascade_decode_attention(
+            q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+            scale=scale, prefix_index=prefix_index, return_lse=return_lse)
+    from r3v_fast.kernels.cascade_attention import cascade_decode_fwd
+    o, lse = cascade_decode_fwd(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+                                scale=scale, prefix_index=prefix_index, num_splits=num_splits,
+                                return_lse=return_lse)
+    return (o, lse) if return_lse else o
+
+
+def prefix_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor, *,
+                     scale: float | None = None, prefix_index: Tensor | None = None,
+                     num_splits: int | None = None, backend: str = "auto"):
+    """Partial state over the shared prefix only: (o [Q, K, H, Dh] float32, lse [Q, K, H] float32)."""
+    _validate(q, prefix=(prefix_k, prefix_v, prefix_lens), prefix_index=prefix_index)
+    if _resolve_backend(backend, q.device) == "torch":
+        o, lse = _reference.prefix_attention(q, prefix_k, prefix_v, prefix_lens, scale=scale,
+                                             prefix_index=prefix_index)
+        return o.float(), lse.float()
+    from r3v_fast.kernels.cascade_attention import cascade_decode_fwd
+    return cascade_decode_fwd(q, prefix_k, prefix_v, prefix_lens, scale=scale,
+                              prefix_index=prefix_index, num_splits=num_splits,
+                              return_lse=True, out_dtype=torch.float32)
+
+
+def suffix_attention(q: Tensor, suffix_k: Tensor, suffix_v: Tensor, suffix_lens: Tensor, *,
+                     scale: float | None = None, num_splits: int | None = None,
+                     backend: str = "auto"):
+    """Partial state over each branch's own suffix: (o float32, lse float32); empty -> (0, -inf)."""
+    _validate(q, suffix=(suffix_k, suffix_v, suffix_lens))
+    if _resolve_backend(backend, q.device) == "torch":
+        o, lse = _reference.suffix_attention(q, suffix_k, suffix_v, suffix_lens, scale=scale)
+        return o.float(), lse.float()
+    from r3v_fast.kernels.cascade_attention import cascade_decode_fwd
+    return cascade_decode_fwd(q, suffix_k=suffix_k, suffix_v=suffix_v, suffix_lens=suffix_lens,
+                              scale=scale, num_splits=num_splits, return_lse=True,
+                              out_dtype=torch.float32)
+
+
+def merge_attention_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor, *,
+                           backend: str = "auto"):
+    """Merge two partial states over disjoint key sets: o_* [..., Dh], lse_* [...] (natural log).
+
+    A side with lse = -inf contributes nothing (both empty -> o = 0, lse = -inf). Returns o in
+    o_a's dtype and lse float32.
+    """
+    _check(o_a.shape == o_b.shape, f"o_a shape {tuple(o_a.shape)} != o_b shape {tuple(o_b.shape)}")
+    _check(lse_a.shape == lse_b.shape == o_a.shape[:-1],
+           f"lse shapes {tuple(lse_a.shape)}, {tuple(lse_b.shape)} must equal o shape without its "
+           f"last dim {tuple(o_a.shape[:-1])}")
+    _check(len({t.device for t in (o_a, lse_a, o_b, lse_b)}) == 1, "all inputs must be on one device")
+    if _resolve_backend(backend, o_a.device) == "torch":
+        o, lse = _reference.merge_attention_states(o_a, lse_a, o_b, lse_b)
+        return o, lse.float()
+    from r3v_fast.kernels.cascade_attention import merge_attention_states_fwd
+    head_dim = o_a.shape[-1]
+    o_parts = torch.stack([o_a.reshape(-1, head_dim), o_b.reshape(-1, head_dim)])   # [2, R, Dh]
+    lse_parts = torch.stack([lse_a.reshape(-1), lse_b.reshape(-1)])               # [2, R]
+    out = torch.empty(o_a.shape, device=o_a.device, dtype=o_a.dtype)
+    lse = torch.empty(lse_a.shape, device=o_a.device, dtype=torch.float32)
+    merge_attention_states_fwd(o_parts, lse_parts, out=out.view(-1, head_dim), lse_out=lse.view(-1))
+    return out, lse

@@ -1,0 +1,161 @@
+"""Pure-PyTorch cascade decode attention: the oracle for the Triton kernel and the CPU backend.
+
+Shared-prefix sampling decodes K branches of one question against a single copy of the
+question's prefix KV cache (image + prompt) plus each branch's own suffix KV (the tokens the
+branch generated). For one decode step, attention over [prefix; suffix] splits exactly into
+two partial attentions whose results merge by log-sum-exp (FlashInfer's "cascade inference",
+Ye et al. 2024; the same algebra as FlashAttention's online softmax):
+
+    o = (e^{lse_p} o_p + e^{lse_s} o_s) / (e^{lse_p} + e^{lse_s}),  lse = log(e^{lse_p} + e^{lse_s})
+
+The prefix partial is matrix-shaped: for one question and one KV head, the K branches x G
+query heads of the group (G = H / Hkv, GQA) form a [K*G, Dh] query matrix that reads the
+prefix once. The naive baseline (`naive_decode_attention`) instead gives every branch its
+own copy of [prefix; suffix], reading the prefix K times.
+
+Conventions shared with r3v_fast.ops.cascade_attention and kernels/cascade_attention.py:
+- q [Q, K, H, Dh]: one new query token per branch (Q questions x K branches).
+- prefix_k/v [N, Hkv, P_max, Dh] with prefix_lens [Q]; question q reads slot
+  prefix_index[q] (default q), so several batches (sampling, the select prompt) can share one
+  pool of prefixes.
+- suffix_k/v [Q, K, Hkv, S_max, Dh] with suffix_lens [Q, K] (0 = empty suffix).
+- Lengths are clamped to [0, buffer length]; positions at or past a length are padding.
+- LSE is the natural-log log-sum-exp of the scaled scores; an empty key set gives o = 0 and
+  lse = -inf, which the merge treats as "no contribution".
+- Numerics: everything is computed in float32 (float64 inputs stay float64); o of partial
+  states is returned in that compute dtype so merging does not round twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16/bf16 inputs are upcast: softmax statistics and accumulation are fp32.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _length_mask(lens: Tensor, max_len: int) -> Tensor:
+    """[...] lengths -> [..., max_len] bool, True at valid positions (lengths clamped)."""
+    positions = torch.arange(max_len, device=lens.device)
+    return positions < lens.clamp(0, max_len).unsqueeze(-1)
+
+
+def _masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float):
+    """q [..., M, Dh], k/v [..., N, Dh], valid [..., 1 or M, N] -> o [..., M, Dh], lse [..., M]."""
+    scores = (q @ k.transpose(-1, -2)) * scale                      # [..., M, N]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                           # [..., M]; -inf if no key
+    # An empty key set has lse = -inf; subtracting a finite stand-in keeps exp() at 0, not nan.
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    return probs @ v, lse
+
+
+def prefix_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor, *,
+                     scale: float | None = None, prefix_index: Tensor | None = None):
+    """Partial attention of every branch query over its question's shared prefix.
+
+    Returns o [Q, K, H, Dh] and lse [Q, K, H] in the compute dtype (float32 or float64).
+    """
+    num_q, num_branches, num_heads, head_dim = q.shape
+    num_kv_heads, p_max = prefix_k.shape[1], prefix_k.shape[2]
+    group = num_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    dtype = _compute_dtype(q.dtype)
+    if prefix_index is not None:
+        prefix_k, prefix_v = prefix_k[prefix_index.long()], prefix_v[prefix_index.long()]
+    # One [K*G, Dh] query matrix per (question, KV head): the prefix is read once for all K.
+    q_mat = (q.to(dtype).view(num_q, num_branches, num_kv_heads, group, head_dim)
+             .permute(0, 2, 1, 3, 4).reshape(num_q, num_kv_heads, num_branches * group, head_dim))
+    valid = _length_mask(prefix_lens, p_max)[:, None, None, :]      # [Q, 1, 1, P_max]
+    o, lse = _masked_softmax_attention(q_mat, prefix_k.to(dtype), prefix_v.to(dtype), valid, scale)
+    # [Q, Hkv, K*G, Dh] -> [Q, K, H, Dh] (head h = kv_head * G + g, as in repeat_interleave).
+    o = o.view(num_q, num_kv_heads, num_branches, group, head_dim).permute(0, 2, 1, 3, 4)
+    lse = lse.view(num_q, num_kv_heads, num_branches, group).permute(0, 2, 1, 3)
+    return (o.reshape(num_q, num_branches, num_heads, head_dim),
+            lse.reshape(num_q, num_branches, num_heads))
+
+
+def suffix_attention(q: Tensor, suffix_k: Tensor, suffix_v: Tensor, suffix_lens: Tensor, *,
+                     scale: float | None = None):
+    """Partial attention of every branch query over its own suffix KV.
+
+    Returns o [Q, K, H, Dh] and lse [Q, K, H] in the compute dtype; an empty suffix gives
+    o = 0, lse = -inf.
+    """
+    num_q, num_branches, num_heads, head_dim = q.shape
+    num_kv_heads, s_max = suffix_k.shape[2], suffix_k.shape[3]
+    group = num_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    dtype = _compute_dtype(q.dtype)
+    q_grp = q.to(dtype).view(num_q, num_branches, num_kv_heads, group, head_dim)
+    valid = _length_mask(suffix_lens, s_max)[:, :, None, None, :]   # [Q, K, 1, 1, S_max]
+    o, lse = _masked_softmax_attention(q_grp, suffix_k.to(dtype), suffix_v.to(dtype), valid, scale)
+    return (o.reshape(num_q, num_branches, num_heads, head_dim),
+            lse.reshape(num_q, num_branches, num_heads))
+
+
+def merge_attention_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor):
+    """Merge two partial attention states over disjoint key sets (natural-log LSE).
+
+    o_* [..., Dh], lse_* [...]. A side with lse = -inf (no keys) contributes nothing; when both
+    are empty the result is o = 0, lse = -inf. Returns o in o_a's dtype, lse in float32
+    (float64 if the inputs are float64).
+    """
+    dtype = torch.promote_types(_compute_dtype(o_a.dtype), _compute_dtype(lse_a.dtype))
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    lse_max = torch.maximum(lse_a, lse_b)
+    lse_max = torch.where(torch.isinf(lse_max), 0.0, lse_max)       # both empty: finite stand-in
+    w_a, w_b = torch.exp(lse_a - lse_max), torch.exp(lse_b - lse_max)
+    total = w_a + w_b
+    safe_total = torch.where(total > 0, total, 1.0)
+    # where() rather than multiplication so that garbage (even nan) in an empty side's o is ignored.
+    o = (torch.where(w_a.unsqueeze(-1) > 0, o_a.to(dtype), 0.0) * (w_a / safe_total).unsqueeze(-1)
+         + torch.where(w_b.unsqueeze(-1) > 0, o_b.to(dtype), 0.0) * (w_b / safe_total).unsqueeze(-1))
+    lse = torch.where(total > 0, lse_max + torch.log(safe_total), float("-inf"))
+    return o.to(o_a.dtype), lse
+
+
+def cascade_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor,
+                             suffix_k: Tensor, suffix_v: Tensor, suffix_lens: Tensor, *,
+                             scale: float | None = None, prefix_index: Tensor | None = None,
+                             return_lse: bool = False):
+    """Cascade decode attention: shared-prefix partial + per-branch suffix partial, LSE-merged.
+
+    Returns o [Q, K, H, Dh] in q's dtype (and lse [Q, K, H] float32 if return_lse).
+    """
+    o_p, lse_p = prefix_attention(q, prefix_k, prefix_v, prefix_lens, scale=scale,
+                                  prefix_index=prefix_index)
+    o_s, lse_s = suffix_attention(q, suffix_k, suffix_v, suffix_lens, scale=scale)
+    o, lse = merge_attention_states(o_p, lse_p, o_s, lse_s)
+    return (o.to(q.dtype), lse) if return_lse else o.to(q.dtype)
+
+
+def naive_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor,
+                           suffix_k: Tensor, suffix_v: Tensor, suffix_lens: Tensor, *,
+                           scale: float | None = None, prefix_index: Tensor | None = None):
+    """Baseline: each branch attends to its own copy of [prefix; suffix] (K copies of the prefix).
+
+    This is what K independent `generate` sequences compute; kept for equivalence tests and
+    benchmarks. Returns o [Q, K, H, Dh] in q's dtype.
+    """
+    num_q, num_branches, num_heads, head_dim = q.shape
+    num_kv_heads, p_max, s_max = prefix_k.shape[1], prefix_k.shape[2], suffix_k.shape[3]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    dtype = _compute_dtype(q.dtype)
+    if prefix_index is not None:
+        prefix_k, prefix_v = prefix_k[prefix_index.long()], prefix_v[prefix_index.long()]
+    # [Q, K, Hkv, P_max + S_max, Dh]: the prefix is materialized once per branch.
+    expand = (num_q, num_branches, num_kv_heads, p_max, head_dim)
+    k_full = torch.cat([prefix_k.unsqueeze(1).expand(expand), suffix_k], dim=3).to(dtype)
+    v_full = torch.cat([prefix_v.unsqueeze(1).expand(expand), suffix_v], dim=3).to(dtype)
+    valid = torch.cat([_length_mask(prefix_lens, p_max)[:, None, :].expand(num_q, num_branches, p_max),
+                       _length_mask(suffix_lens, s_max)], dim=-1)  # [Q, K, P_max + S_max]
+    group = num_heads // num_kv_heads
+    q_grp = q.to(dtype).view(num_q, num_branches, num_kv_heads, group, head_dim)
+    o, _ = _masked_softmax_attention(q_grp, k_full, v_full, valid[:, :, None, None, :], scale)
+    return o.reshape(num_q, num_branches, num_heads, head_dim).to(q.dtype)
