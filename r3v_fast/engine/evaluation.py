@@ -1,0 +1,103 @@
+"""Evaluation: Pass@1, maj@K, oracle@K and test-time selection (select@K).
+
+- Pass@1: one greedy CoT answer per question.
+- K sampled candidates per question (one sampling pass with K_max; every smaller K uses the
+  first K of them):
+  - maj@K: majority vote over the extracted answers (unparseable answers do not vote; ties go
+    to the answer seen first);
+  - oracle@K: at least one candidate is right (an upper bound for any selector);
+  - select@K: the model itself is shown the K candidates with the self-select prompt and
+    answers greedily. select@1 is the first candidate's correctness (nothing to select).
+
+Questions are scored independently, so ``score_questions`` works on any shard of the test
+set; ``summarize`` turns the per-question rows (from all shards) into the metrics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Sequence
+
+from r3v_fast.data import judge, prompts
+from r3v_fast.data.records import Record
+from r3v_fast.engine.sampler import GREEDY, Request, Sampler, SamplingParams
+
+Renderer = Callable[[list[dict]], str]
+
+
+def is_right(record: Record, text: str) -> bool:
+    """Judge a model output against the record's gold answer with the dataset's judge."""
+    return judge.is_correct(record.dataset, text, record.answer, record.choices, record.unit)
+
+
+def majority_answer(answers: Sequence[str | None]) -> str | None:
+    votes = Counter(a for a in answers if a is not None)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def score_questions(
+    records: Sequence[Record],
+    sampler: Sampler,
+    render: Renderer,
+    *,
+    ks: Sequence[int] = (1, 3),
+    params: SamplingParams = SamplingParams(),
+    select: bool = True,
+    select_max_new_tokens: int = 32,
+) -> list[dict]:
+    """Per-question evaluation rows: greedy answer, K_max candidates and select outcomes."""
+    if not records:
+        return []
+    k_max = max(ks)
+    cot = [Request(render(prompts.cot_messages(r)), r.image) for r in records]
+    greedy = [texts[0] for texts in sampler.sample(cot, GREEDY, desc="eval greedy")]
+    candidates = sampler.sample(cot, SamplingParams(**{**params.__dict__, "k": k_max}),
+                                desc=f"eval sample K={k_max}") if k_max > 1 else [[g] for g in greedy]
+
+    rows = []
+    for record, g, cands in zip(records, greedy, candidates):
+        rows.append({
+            "id": record.id,
+            "greedy": g,
+            "greedy_correct": is_right(record, g),
+            "answers": [judge.extract_answer(record.dataset, c) for c in cands],
+            "correct": [is_right(record, c) for c in cands],
+            "candidates": cands,
+            "select": {},
+        })
+
+    if select:
+        select_params = SamplingParams(k=1, temperature=0.0, max_new_tokens=select_max_new_tokens)
+        for k in sorted(set(ks)):
+            if k < 2:
+                continue
+            requests = [Request(render(prompts.select_messages(r, row["candidates"][:k])), r.image)
+                        for r, row in zip(records, rows)]
+            outs = sampler.sample(requests, select_params, desc=f"eval select@{k}")
+            for record, row, out in zip(records, rows, outs):
+                row["select"][str(k)] = {"text": out[0], "correct": is_right(record, out[0])}
+    for record, row in zip(records, rows):
+        for k in ks:
+            maj = majority_answer(row["answers"][:k])
+            row.setdefault("maj", {})[str(k)] = (
+                maj is not None and is_right(record, prompts.answer_line(maj)))
+    return rows
+
+
+def summarize(rows: Sequence[dict], ks: Sequence[int], *, select: bool = True) -> dict[str, float]:
+    """Accuracies in percent over all rows."""
+    n = len(rows)
+    if n == 0:
+        return {"n": 0}
+
+    def pct(values) -> float:
+        return 100.0 * sum(bool(v) for v in values) / n
+
+    metrics: dict[str, float] = {"n": n, "pass@1": pct(r["greedy_correct"] for r in rows)}
+    for k in sorted(set(ks)):
+        metrics[f"maj@{k}"] = pct(r["maj"][str(k)] for r in rows)
+        metrics[f"oracle@{k}"] = pct(any(r["correct"][:k]) for r in rows)
+        if select:
+            metrics[f"select@{k}"] = pct(
+                r["correct"][0] if k == 1 else r["select"][str(k)]["correct"] for r in rows)
+    return metrics

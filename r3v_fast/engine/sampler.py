@@ -1,0 +1,108 @@
+"""The sampler seam: K solutions per prompt, batched over prompts.
+
+Everything that generates text (bootstrapping, Pass@1, maj@K, test-time selection) goes
+through ``Sampler.sample``. Two implementations plug in behind it:
+
+- ``HFSampler`` (``--sampler hf``): transformers' ``generate`` with ``num_return_sequences=K``,
+  i.e. K full copies of every prompt's KV cache. The plain baseline.
+- the shared-prefix sampler (``--sampler shared``) prefills each image + question once and
+  decodes the K branches against one copy of that prefix's KV cache.
+
+Sampling follows the public R³V setting by default: K = 3, temperature 0.9, top-p 0.95,
+top-k 50, up to 384 new tokens. Temperature 0 means greedy (Pass@1 uses K = 1, greedy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from r3v_fast.model.loading import end_of_turn_id, pad_id
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    k: int = 3
+    temperature: float = 0.9
+    top_p: float = 0.95
+    top_k: int = 50
+    max_new_tokens: int = 384
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+GREEDY = SamplingParams(k=1, temperature=0.0)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to complete: a rendered chat prompt and the image it refers to."""
+
+    prompt: str
+    image: str
+
+
+class Sampler(Protocol):
+    def sample(self, requests: Sequence[Request], params: SamplingParams, *,
+               desc: str | None = None) -> list[list[str]]:
+        """Return, for each request, ``params.k`` completions (text only, special tokens removed)."""
+        ...
+
+
+def load_images(requests: Sequence[Request]) -> list[Image.Image]:
+    images = []
+    for r in requests:
+        try:
+            with Image.open(r.image) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"cannot open image {r.image}: {err}") from err
+    return images
+
+
+class HFSampler:
+    """Baseline sampler: ``model.generate`` on padded batches, K return sequences per prompt."""
+
+    def __init__(self, model, processor, *, batch_size: int = 8, show_progress: bool = True):
+        self.model = model
+        self.processor = processor
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.stop_ids = sorted({end_of_turn_id(processor), processor.tokenizer.eos_token_id} - {None})
+
+    @torch.no_grad()
+    def sample(self, requests: Sequence[Request], params: SamplingParams, *,
+               desc: str | None = None) -> list[list[str]]:
+        if params.greedy and params.k != 1:
+            # Identical greedy copies: decode once and repeat.
+            once = self.sample(requests, SamplingParams(**{**params.__dict__, "k": 1}), desc=desc)
+            return [texts * params.k for texts in once]
+        device = next(self.model.parameters()).device
+        outputs: list[list[str]] = []
+        starts = range(0, len(requests), self.batch_size)
+        bar = tqdm(starts, desc=desc or "sampling", unit="batch", disable=not self.show_progress, leave=False)
+        for batch_no, start in enumerate(bar):
+            batch = list(requests[start:start + self.batch_size])
+            inputs = self.processor(text=[r.prompt for r in batch], images=load_images(batch),
+                                    return_tensors="pt", padding=True).to(device)
+            generation = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_ids,
+                              pad_token_id=pad_id(self.processor), num_return_sequences=params.k)
+            if params.greedy:
+                generation.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            else:
+                generation.update(do_sample=True, temperature=params.temperature,
+                                  top_p=params.top_p, top_k=params.top_k)
+                # One seed per batch: reproducible for a fixed seed and batch composition.
+                torch.manual_seed(params.seed * 1_000_003 + batch_no)
+            tokens = self.model.generate(**inputs, **generation)       # [B*K, L_prompt + L_new]
+            new_tokens = tokens[:, inputs["input_ids"].shape[1]:]      # [B*K, L_new] (left padding)
+            texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+            outputs.extend(texts[i * params.k:(i + 1) * params.k] for i in range(len(batch)))
+        return outputs
