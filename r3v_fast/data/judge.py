@@ -25,13 +25,15 @@ Comparison per dataset:
   exactly 0); else case-insensitive exact match. We strip "%", "$" and thousands commas before
   parsing; the public code (pix2struct) does not, and divides "x%" by 100, so "45%" vs gold "45"
   is right here and wrong there, and "1,234" vs "1234" likewise.
-- tabmwp: with choices, the option picked by letter ("B", "(B)") or by its text must be the gold
-  option (gold given as option text, as in TabMWP, or as a letter). Without choices, numbers are
+- tabmwp: with choices, the option picked by its text or by letter ("B", "(B)") must be the gold
+  option (gold given as option text, as in TabMWP, or as a letter). Option texts are matched
+  before letters, so an option whose text is "A" is read as that option. Without choices, numbers are
   normalised as in the public TabMWP code (strip "$", commas, trailing ".", the unit and other
   trailing words; "a/b" -> round(a/b, 3); floats rounded to 3 decimals) and compared; other text
   is compared case-insensitively.
 - geoqa, m3cot: option letters (A..E, or as many as there are choices). The gold may be a letter
-  or, when choices are given, the option text; the prediction may be a letter or an option text.
+  or, when choices are given, the option text; the prediction may be a letter or an option text
+  (letters are read first).
 - other datasets: numbers compared to 1e-6 relative, else case-insensitive exact text.
 """
 
@@ -181,8 +183,7 @@ def _option_index(text: str, choices: Sequence[str] | None, n_letters: int,
                   *, text_first: bool = False) -> int | None:
     """Which option ``text`` names: by letter ("B", "(B)", "B. 30°", "option B") or by its text.
 
-    Predictions try the letter first; gold answers (``text_first``) the option text first,
-    since TabMWP stores the gold as the option text.
+    With ``text_first`` the option texts are tried before the letter reading.
     """
     cleaned = _clean(text)
 
@@ -220,10 +221,13 @@ def is_correct(dataset: str, text: str, answer: str, choices: Sequence[str] | No
         return _same_text(pred, gold)
     if name in _LETTER_SETS or (name == "tabmwp" and choices):
         n_letters = len(choices) if choices else 5
-        gold_index = _option_index(gold, choices, n_letters, text_first=True)
+        # TabMWP names options by their text, GeoQA / M3CoT by letter: that decides which reading
+        # wins when an option's text is itself a letter.
+        text_first = name == "tabmwp"
+        gold_index = _option_index(gold, choices, n_letters, text_first=text_first)
         if gold_index is None:  # gold is neither a letter nor an option: plain text match
             return _same_text(pred, gold)
-        return _option_index(pred, choices, n_letters) == gold_index
+        return _option_index(pred, choices, n_letters, text_first=text_first) == gold_index
     if name == "tabmwp":
         p, g = _tabmwp_number(pred, unit), _tabmwp_number(gold, unit)
         if p is not None and g is not None:

@@ -18,17 +18,21 @@ from __future__ import annotations
 from typing import Sequence
 
 __all__ = ["COT_INSTRUCTION", "REFINE_INSTRUCTION", "SELECT_INSTRUCTION", "cot_text",
-           "cot_messages", "refine_messages", "select_messages", "render", "answer_line",
-           "user_text"]
+           "cot_messages", "refine_messages", "select_messages", "render", "render_prefix",
+           "answer_line", "user_text"]
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-COT_INSTRUCTION = ("Work it out step by step, then write the final answer on its own last line "
-                   "as \"Answer: <answer>\".")
+# The CoT text ends in a letter on purpose: BPE pre-tokenizers (Qwen2's included) glue trailing
+# punctuation to the newlines that follow it (".\n\n" can be one token), which would make the
+# last token of the CoT text differ between the CoT prompt and the refine / select prompts. After
+# a letter the token boundary is stable, so the shared prefix is the whole CoT text in tokens too.
+COT_INSTRUCTION = ("Think it through step by step, and on the last line write \"Answer:\" "
+                   "followed by the final answer")
 REFINE_INSTRUCTION = ("The prediction above may contain mistakes. Check every step against the "
                       "image and the question, fix what is wrong, and write the corrected "
-                      "solution, ending with \"Answer: <answer>\".")
-SELECT_INSTRUCTION = ("Compare the predictions above against the image and the question, decide "
+                      "solution, ending with the line \"Answer: <answer>\".")
+SELECT_INSTRUCTION = ("Compare the predictions above with the image and the question, decide "
                       "which one is correct, and reply only with its final answer as "
                       "\"Answer: <answer>\".")
 
@@ -75,6 +79,17 @@ def user_text(messages: list[dict]) -> str:
 def render(processor, messages: list[dict]) -> str:
     """Prompt text through the processor's (or tokenizer's) own chat template, ready to generate."""
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_prefix(processor, record) -> str:
+    """The rendered text shared by the CoT, refine and select prompts of ``record``.
+
+    It is the rendered CoT prompt cut right after the CoT user text (chat header, image
+    placeholder, question, options, instruction); every rendered refine / select prompt of the
+    record starts with it.
+    """
+    full, text = render(processor, cot_messages(record)), cot_text(record)
+    return full[:full.rindex(text) + len(text)]
 
 
 def answer_line(answer: str) -> str:

@@ -1,0 +1,227 @@
+"""Loaders: every public format on small fixture files, format detection and bad input."""
+
+import json
+
+import pytest
+
+from r3v_fast.data.loaders import detect_format, load_dataset, split_choices
+from r3v_fast.data.records import DataError, Record, write_records
+
+
+def _dump(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False))
+    return path
+
+
+def _dump_lines(path, objs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return path
+
+
+def test_own_jsonl(tmp_path, png):
+    rec = Record(id="s1", image=str(png(tmp_path / "images" / "s1.png")), question="How many?",
+                 answer="4", dataset="shapes-math", meta={"qtype": "count_all"})
+    write_records(tmp_path / "train.jsonl", [rec])
+    records, report = load_dataset(tmp_path / "train.jsonl", check_images=True)
+    assert records == [rec] and report.n_loaded == 1
+    renamed, _ = load_dataset(tmp_path / "train.jsonl", fmt="jsonl", dataset="clevr-math")
+    assert renamed[0].dataset == "clevr-math" and renamed[0].id == "s1"
+
+
+def test_mmsi(tmp_path, png):
+    png(tmp_path / "images" / "1.png")
+    png(tmp_path / "images" / "2.png")
+    items = [
+        {"id": "geo-1", "image": "images/1.png", "conversations": [
+            {"from": "user", "value": "<image>\nFind angle ABC.\nChoices:\nA. 30°\nB. 45°\nC. 60°"},
+            {"from": "assistant", "value": "Angle ABC is half of 90°, so 45°.\nAnswer: B"}]},
+        {"image": "images/2.png", "conversations": [
+            {"from": "human", "value": "<image>What is x?\n(A) 2\n(B) 3"},
+            {"from": "gpt", "value": "3"}]},
+    ]
+    path = _dump(tmp_path / "geoqa_train_cot.json", items)
+    records, report = load_dataset(path, check_images=True)
+    first, second = records
+    assert first == Record(id="geo-1", image=str(tmp_path / "images" / "1.png"),
+                           question="Find angle ABC.", answer="B", dataset="geoqa",
+                           choices=("30°", "45°", "60°"),
+                           meta={"response": "Angle ABC is half of 90°, so 45°.\nAnswer: B"})
+    # an answer given as option text becomes its letter; the id falls back to stem-index
+    assert (second.id, second.question, second.choices, second.answer, second.meta) == \
+        ("geoqa_train_cot-1", "What is x?", ("2", "3"), "B", None)
+    # without a dataset name in the file name, the name comes from dataset= or defaults to mmsi
+    other = _dump(tmp_path / "train.json", items[:1])
+    assert load_dataset(other)[0][0].dataset == "mmsi"
+    assert load_dataset(other, dataset="m3cot")[0][0].dataset == "m3cot"
+
+
+def test_mmsi_free_text_answer(tmp_path, png):
+    png(tmp_path / "c.png")
+    items = [{"image": "c.png", "conversations": [
+        {"from": "user", "value": "<image>\nSubtract all balls. How many objects are left?"},
+        {"from": "assistant", "value": "There are 5 objects and 2 balls. 5 - 2 = 3.\nanswer: 3"}]}]
+    rec = load_dataset(_dump(tmp_path / "clevr_math_mmsi.json", items))[0][0]
+    assert (rec.question, rec.answer, rec.choices, rec.dataset) == \
+        ("Subtract all balls. How many objects are left?", "3", None, "clevr-math")
+
+
+def test_chartqa(tmp_path, png):
+    png(tmp_path / "test" / "png" / "1234.png")
+    path = _dump(tmp_path / "test" / "test_human.json", [
+        {"imgname": "1234.png", "query": "What is the highest value?", "label": "45.5"},
+        {"imgname": "1234.png", "query": "Which party won?", "label": "Democrats"},
+        {"imgname": "1234.png", "query": "How many bars?", "label": 7.0}])
+    records, report = load_dataset(path, check_images=True)
+    assert [(r.id, r.question, r.answer, r.dataset) for r in records] == [
+        ("test_human-0", "What is the highest value?", "45.5", "chartqa"),
+        ("test_human-1", "Which party won?", "Democrats", "chartqa"),
+        ("test_human-2", "How many bars?", "7", "chartqa")]
+    assert records[0].image == str(tmp_path / "test" / "png" / "1234.png")
+
+
+def test_tabmwp(tmp_path, png):
+    png(tmp_path / "tables" / "7.png")
+    png(tmp_path / "tables" / "12.png")
+    path = _dump(tmp_path / "problems_dev.json", {
+        "7": {"question": "How much does a pen cost?", "choices": None, "unit": "$", "answer": "3.50",
+              "table": "pen | $3.50", "ques_type": "free_text"},
+        "12": {"question": "Is the number even or odd?", "choices": ["even", "odd"], "unit": None,
+               "answer": "odd", "ques_type": "multi_choice"}})
+    records, report = load_dataset(path, check_images=True)
+    pen, parity = records
+    assert (pen.id, pen.answer, pen.unit, pen.choices, pen.dataset) == ("7", "3.50", "$", None, "tabmwp")
+    assert (parity.id, parity.answer, parity.unit, parity.choices) == ("12", "odd", None, ("even", "odd"))
+    assert parity.image == str(tmp_path / "tables" / "12.png")
+
+
+def test_clevr_math_json_and_jsonl(tmp_path, png):
+    png(tmp_path / "images" / "CLEVR_train_000001.png")
+    items = [{"filename": "CLEVR_train_000001.png",
+              "question": "Subtract all red cubes. How many objects are left?", "answer": 6}]
+    for path in (_dump(tmp_path / "clevr.json", items), _dump_lines(tmp_path / "clevr.jsonl", items)):
+        (rec,), _ = load_dataset(path, check_images=True)
+        assert (rec.answer, rec.dataset, rec.id) == ("6", "clevr-math", f"{path.stem}-0")
+        assert rec.image == str(tmp_path / "images" / "CLEVR_train_000001.png")
+
+
+@pytest.mark.parametrize("name", ["geoqa", "m3cot"])
+def test_multiple_choice(tmp_path, png, name):
+    png(tmp_path / "img" / "a.png")
+    items = [
+        {"id": "q1", "question": "Find x.", "choices": ["1", "2", "3", "4"], "answer": "C", "image": "img/a.png"},
+        {"question_id": 5, "question": "Find y.", "options": {"B": "cat", "A": "dog"}, "answer": 1,
+         "image_path": "img/a.png"},
+        {"question": "Which animal?", "context": "A farm.", "choices": ["cow", "hen"], "answer": "hen",
+         "img": "img/a.png"},
+    ]
+    path = _dump_lines(tmp_path / f"{name}_test.jsonl", items)
+    assert detect_format(path) == name
+    records, _ = load_dataset(path, check_images=True)
+    assert [(r.id, r.question, r.choices, r.answer, r.dataset) for r in records] == [
+        ("q1", "Find x.", ("1", "2", "3", "4"), "C", name),
+        ("5", "Find y.", ("dog", "cat"), "B", name),
+        (f"{name}_test-2", "A farm.\nWhich animal?", ("cow", "hen"), "B", name)]
+    # a multiple-choice file whose name says neither dataset needs fmt=
+    unnamed = _dump_lines(tmp_path / "mc.jsonl", items)
+    with pytest.raises(DataError, match="pass fmt="):
+        load_dataset(unnamed)
+    assert load_dataset(unnamed, fmt=name)[0][0].answer == "C"
+
+
+def test_split_choices():
+    assert split_choices("Q?\nA. x\nB. y") == ("Q?", ("x", "y"))
+    assert split_choices("Q?\nOptions:\n(A) x\n(B) y\n(C) z") == ("Q?", ("x", "y", "z"))
+    assert split_choices("Q?\nA: 1\nC: 3") == ("Q?\nA: 1\nC: 3", None)  # not A, B, ... in order
+    assert split_choices("How many balls?") == ("How many balls?", None)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def _mc(**overrides):
+    obj = {"id": "q", "question": "Find x.", "choices": ["1", "2"], "answer": "A", "image": "a.png"}
+    obj.update(overrides)
+    return {k: v for k, v in obj.items() if v is not None}
+
+
+BAD_MC = [
+    (_mc(question=None), "missing field question", "missing field"),
+    (_mc(question=""), "empty question", "empty question"),
+    (_mc(answer="F"), "neither an option letter nor an option", "bad value"),
+    (_mc(answer=7), "index 7 out of range", "bad value"),
+    (_mc(choices="AB"), "choices must be a list", "bad value"),
+    (_mc(image="../../etc/passwd"), "outside the image root", "bad image path"),
+    (_mc(image="/etc/passwd"), "outside the image root", "bad image path"),
+    (_mc(image=None), "missing field image", "missing field"),
+]
+
+
+@pytest.mark.parametrize("bad, message, reason", BAD_MC)
+def test_bad_multiple_choice_record(tmp_path, png, bad, message, reason):
+    png(tmp_path / "a.png")
+    path = tmp_path / "geoqa.jsonl"
+    lines = [json.dumps(_mc(id="q0")), json.dumps(bad), json.dumps(_mc(id="q2"))]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=f"geoqa.jsonl, line 2: .*{message}"):
+        load_dataset(path)
+    records, report = load_dataset(path, strict=False)
+    assert [r.id for r in records] == ["q0", "q2"] and report.skipped == {reason: 1}
+
+
+def test_malformed_jsonl_line(tmp_path, png):
+    png(tmp_path / "images" / "x.png")
+    path = tmp_path / "clevr.jsonl"
+    good = json.dumps({"filename": "x.png", "question": "How many?", "answer": 2})
+    path.write_text(good + "\n" + '{"filename": "x.png", "question": ' + "\n" + good + "\n")
+    with pytest.raises(DataError, match="clevr.jsonl, line 2: malformed JSON"):
+        load_dataset(path)
+    records, report = load_dataset(path, strict=False)
+    assert len(records) == 2 and report.skipped == {"malformed json": 1}
+
+
+def test_bad_json_list_items_name_the_index(tmp_path, png, corrupt_png):
+    png(tmp_path / "png" / "ok.png")
+    corrupt_png(tmp_path / "png" / "bad.png")
+    path = _dump(tmp_path / "val.json", [
+        {"imgname": "ok.png", "query": "Q?", "label": "1"},
+        {"imgname": "ok.png", "query": "Q?"},
+        {"imgname": "gone.png", "query": "Q?", "label": "1"},
+        {"imgname": "bad.png", "query": "Q?", "label": "1"},
+        {"imgname": "../ok.png", "query": "Q?", "label": "1"},
+        "not an object"])
+    with pytest.raises(DataError, match=r"val.json, item 1: missing field label"):
+        load_dataset(path, fmt="chartqa")
+    records, report = load_dataset(path, fmt="chartqa", strict=False, check_images=True)
+    assert [r.image.rsplit("/", 1)[1] for r in records] == ["ok.png"]
+    assert report.skipped == {"missing field": 1, "missing image": 1, "corrupt image": 1,
+                              "bad image path": 1, "bad value": 1}
+    ok, corrupt = {"imgname": "ok.png", "query": "Q?", "label": "1"}, {"imgname": "bad.png", "query": "Q?", "label": "1"}
+    with pytest.raises(DataError, match=r"val.json, item 3 \(record 'val-3'\): cannot read image"):
+        load_dataset(_dump(tmp_path / "val.json", [ok, ok, ok, corrupt]), check_images=True)
+
+
+def test_corrupt_image_found_at_load_image(tmp_path, png, corrupt_png):
+    corrupt_png(tmp_path / "tables" / "3.png")
+    path = _dump(tmp_path / "problems_test.json", {"3": {"question": "Q?", "choices": None,
+                                                          "unit": None, "answer": "5"}})
+    (rec,), _ = load_dataset(path)  # images are opened lazily
+    with pytest.raises(DataError, match="record '3': cannot read image"):
+        rec.load_image()
+
+
+def test_whole_file_errors(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"imgname": "a.png",')
+    with pytest.raises(DataError, match="broken.json: malformed JSON at line 1"):
+        load_dataset(bad)
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset(tmp_path / "absent.json")
+    odd = _dump(tmp_path / "odd.json", [{"foo": 1}])
+    with pytest.raises(DataError, match="cannot detect the format"):
+        load_dataset(odd)
+    with pytest.raises(ValueError, match="unknown format"):
+        load_dataset(odd, fmt="vqa")
+    listed = _dump(tmp_path / "problems_x.json", [{"question": "q"}])
+    with pytest.raises(DataError, match="keyed by problem id"):
+        load_dataset(listed, fmt="tabmwp")
