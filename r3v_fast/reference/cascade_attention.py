@@ -46,7 +46,10 @@ def _length_mask(lens: Tensor, max_len: int) -> Tensor:
 
 
 def _masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float):
-    """q [..., M, Dh], k/v [..., N, Dh], valid [..., 1 or M, N] -> o [..., M, Dh], lse [..., M]."""
+    """q [..., M, Dh], k/v [..., N, Dh], valid [..., 1, N] -> o [..., M, Dh], lse [..., M]."""
+    # Padding may hold anything (an unwritten cache slot can be nan): mask values as well as
+    # scores, since 0 * nan = nan.
+    v = v.masked_fill(~valid.transpose(-1, -2), 0.0)               # [..., N, Dh]
     scores = (q @ k.transpose(-1, -2)) * scale                      # [..., M, N]
     scores = scores.masked_fill(~valid, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)                           # [..., M]; -inf if no key
