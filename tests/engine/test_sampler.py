@@ -9,9 +9,9 @@ from r3v_fast.engine.sampler import GREEDY, HFSampler, Request, SamplingParams
 from r3v_fast.model.loading import load_vlm
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_qwen2vl_dir, rgb_images, tmp_path_factory):
-    model, processor = load_vlm(tiny_qwen2vl_dir)
+@pytest.fixture(scope="module", params=["qwen2vl", "llava"])
+def setup(request, rgb_images, tmp_path_factory):
+    model, processor = load_vlm(request.getfixturevalue(f"tiny_{request.param}_dir"))
     model.eval()
     folder = tmp_path_factory.mktemp("imgs")
     requests = []
