@@ -133,9 +133,13 @@ def load_vlm(path, *, dtype: torch.dtype = torch.float32, device="cpu",
                     "tokenizer and an image processor", "Pass a vision-language model directory.")
     tokenizer.padding_side = "left"
 
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # device_map wants a concrete GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
+        # device_map places the weights directly on `device`, without a CPU copy first.
         model = AutoModelForImageTextToText.from_pretrained(
-            directory, dtype=dtype, device_map={"": torch.device(device)},
+            directory, dtype=dtype, device_map={"": device},
             attn_implementation=attn_implementation, **common)
     except Exception as err:  # noqa: BLE001 - report the directory, keep the cause chained
         raise _fail(directory, f"the {model_type} model cannot be loaded ({type(err).__name__}: {err})",

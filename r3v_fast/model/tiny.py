@@ -55,29 +55,33 @@ LLAVA_CHAT_TEMPLATE = (
 
 def _default_texts() -> tuple[str, ...]:
     """A small corpus for the tokenizer: shapes-math words, numbers, arithmetic, prompt words."""
-    colors = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray"]
+    colors = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "gray"]
     shapes = ["circle", "square", "triangle", "star", "hexagon", "rectangle", "diamond", "pentagon"]
     texts = [
-        "How many shapes are there in the image? How many red circles are there?",
-        "Count the objects. What is the total number of sides of all the shapes?",
-        "Each triangle has 3 sides, each square has 4 sides, each hexagon has 6 sides.",
-        "What is the sum? What is the difference? How many more? How many fewer? Which is larger?",
+        "How many objects are there? How many red objects are there? How many circles are there?",
+        "Remove all blue objects. How many objects are left? Remove all squares and all green "
+        "objects. How many objects are left? Add 2 yellow triangles. How many triangles are there?",
+        "I see 2 red circles, 1 blue square and 3 green triangles. I see no yellow objects.",
+        "I see 4 squares and 7 objects in all. 7 - 4 = 3. Adding 2 more gives 1 + 2 = 3.",
+        "so 2 + 3 - 1 = 4 go, and 6 - 4 = 2 are left. What is the sum? What is the difference?",
         "Let's think step by step. First, count. Then add them up. So the answer is",
-        "There is 1 circle. There are 2 squares. In total there are 3 shapes.",
-        "Answer: 7\nAnswer: 12\nAnswer: A\nAnswer: B\nAnswer: C\nAnswer: D",
-        "Think step by step and end with a line of the form Answer: <your answer>.",
-        "Model's prediction: Model's prediction 1: Model's prediction 2: Model's prediction 3:",
-        "Judge whether the prediction is correct. If it is wrong, refine it and give a correct "
-        "solution. Which prediction is correct? Select the correct one and give the final answer.",
-        "The question is: Question: Options: (A) (B) (C) (D) left right top bottom above below "
-        "next to big small large tiny the a an of in on is are and or not with each all none.",
+        "Answer: 7\nAnswer: 12\nAnswer: 0\nAnswer: A\nAnswer: B\nAnswer: C\nAnswer: D",
+        "Think it through step by step, and on the last line write \"Answer:\" followed by the "
+        "final answer. Give the answer in cm. Options:\nA. 3\nB. 4\nC. 5\nD. 6",
+        "Model's prediction:\nModel's prediction 1:\nModel's prediction 2:\nModel's prediction 3:",
+        "The prediction above may contain mistakes. Check every step against the image and the "
+        "question, fix what is wrong, and write the corrected solution, ending with the line "
+        "\"Answer: <answer>\".",
+        "Compare the predictions above with the image and the question, decide which one is "
+        "correct, and reply only with its final answer. Judge whether it is right or wrong.",
+        "left right top bottom above below next to big small large tiny the a an of in on is are "
+        "and or not with each all none more fewer total number sides corners image question.",
         "system user assistant You are a helpful assistant.",
     ]
     for i, color in enumerate(colors):
         for j, shape in enumerate(shapes):
             n = (i + j) % 9 + 1
-            noun = shape + ("s" if n != 1 else "")
-            texts.append(f"There {'is' if n == 1 else 'are'} {n} {color} {noun}. "
+            texts.append(f"There {'is' if n == 1 else 'are'} {n} {color} {shape}{'' if n == 1 else 's'}. "
                          f"How many {color} {shape}s are there? {n} + {j} = {n + j}")
     texts.append(" ".join(str(n) for n in range(0, 101)))
     texts.extend(f"{a} + {b} = {a + b}, {a} - {b} = {a - b}, {a} * {b} = {a * b}, {a} x {b}"
@@ -197,14 +201,14 @@ def make_tiny_qwen2vl(*, seed=0, hidden_size=64, num_layers=2, num_heads=4, num_
                       vision_depth=1, vision_embed_dim=32, vision_num_heads=2, vocab_size=512,
                       min_pixels=56 * 56, max_pixels=112 * 112, texts=None):
     """In-memory (Qwen2VLForConditionalGeneration, Qwen2VLProcessor) at tiny size."""
-    return _make_qwen("qwen2_vl", **{k: v for k, v in locals().items()})
+    return _make_qwen("qwen2_vl", **locals())
 
 
 def make_tiny_qwen2_5vl(*, seed=0, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         vision_depth=2, vision_embed_dim=32, vision_num_heads=2, vocab_size=512,
                         min_pixels=56 * 56, max_pixels=112 * 112, texts=None):
     """In-memory (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor) at tiny size."""
-    return _make_qwen("qwen2_5_vl", **{k: v for k, v in locals().items()})
+    return _make_qwen("qwen2_5_vl", **locals())
 
 
 def make_tiny_llava(*, seed=0, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
