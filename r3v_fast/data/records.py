@@ -108,7 +108,7 @@ class Record:
     def to_json(self, base_dir: str | os.PathLike | None = None) -> dict:
         """The JSONL object; ``image`` relative to ``base_dir`` when it lies inside it."""
         image = self.image
-        if base_dir is not None:
+        if base_dir is not None and os.path.isabs(image):
             base = os.path.abspath(base_dir)
             if _is_inside(image, base):
                 image = Path(os.path.relpath(image, base)).as_posix()
