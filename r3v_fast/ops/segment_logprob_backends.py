@@ -1,0 +1,153 @@
+"""Backend choice and per-backend forward/backward of the fused token log-likelihood.
+
+The registered ops in r3v_fast.ops.segment_logprob call only the three functions at the end
+of this file; here they are routed to one of the backends (DESIGN.md §3):
+
+* "triton": kernels/segment_logprob.py. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+  Sync-free compaction (stable sort + device-side count), deterministic segment sums.
+* "cpp":    r3v_fast/ops/cpp_backend.py (C++ / OpenMP, CPU), when the extension is built.
+* "torch":  r3v_fast/reference/segment_logprob.py, chunked pure PyTorch, anywhere.
+
+"cpp" and "torch" share one contract (compacted fp32 inputs, all targets valid), so they
+share the glue below: compact, upcast, call, scatter back, cast gradients to input dtypes.
+On CPU tensors the compaction is ``nonzero`` (exact size; the CPU has no device to sync
+with), so their cost scales with target tokens. The torch backend on CUDA tensors skips
+compaction instead (all rows, masked), to stay free of host syncs: cost scales with T.
+
+"auto" picks triton for CUDA tensors, cpp for CPU tensors when built, else torch. The
+R3V_BACKEND environment variable replaces "auto" (an explicit argument wins). An explicit
+backend that cannot run raises.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from r3v_fast.reference import segment_logprob as reference
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpp_available() -> bool:
+    try:
+        from r3v_fast.ops import cpp_backend
+    except ImportError:
+        return False
+    return bool(cpp_backend.available())
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ("triton" | "cpp" | "torch") for tensors on ``device``."""
+    if backend == "auto":
+        backend = os.environ.get("R3V_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"segment_logprob: unknown backend {backend!r}; expected one of {BACKENDS} "
+                         "(argument or R3V_BACKEND)")
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "cpp" if device.type == "cpu" and cpp_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("segment_logprob: backend='triton' requested but Triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"segment_logprob: backend='triton' needs CUDA tensors (got {device}); "
+                               "set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter")
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"segment_logprob: backend='cpp' runs on CPU tensors only (got {device})")
+        if not cpp_available():
+            raise RuntimeError("segment_logprob: backend='cpp' requested but the C++ extension r3v_fast._C "
+                               "is not built (pip install -e . with CMake and a C++ compiler)")
+    return backend
+
+
+def _kernels():
+    from r3v_fast.kernels import segment_logprob as kernels
+
+    return kernels
+
+
+def _host_impl(backend: str):
+    if backend == "cpp":
+        from r3v_fast.ops import cpp_backend
+
+        return cpp_backend
+    return reference
+
+
+def _valid(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    """[N] bool: targets that take part (not ignored, inside the vocabulary)."""
+    return (targets != ignore_index) & (targets >= 0) & (targets < vocab)
+
+
+def _host_rows(valid: Tensor) -> Tensor:
+    """Rows the cpp/torch backends compute: the valid ones on CPU, all of them elsewhere."""
+    if valid.device.type == "cpu":
+        return valid.nonzero()[:, 0]
+    return torch.arange(valid.shape[0], device=valid.device)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def token_logprob_forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
+                          ignore_index: int, softcap: float, backend: str) -> tuple[Tensor, Tensor]:
+    """(logp [N] f32, lse [N] f32) for hidden [N, D]. Ignored targets give logp 0; targets
+    outside [0, V) that are not ignore_index give NaN (checking them would need a host sync)."""
+    valid = _valid(targets, weight.shape[0], ignore_index)
+    if backend == "triton":
+        logp, lse = _kernels().token_logprob_fwd(hidden, weight, bias, targets, valid, softcap)
+    else:
+        rows = _host_rows(valid)
+        keep = valid[rows]
+        logp_rows, lse_rows = _host_impl(backend).token_logprob_fwd(
+            _f32(hidden[rows]), _f32(weight), _f32(bias), torch.where(keep, targets[rows], 0).contiguous(),
+            float(softcap))
+        logp = hidden.new_zeros(hidden.shape[0], dtype=torch.float32).index_copy_(
+            0, rows, torch.where(keep, logp_rows, 0.0))
+        lse = torch.zeros_like(logp).index_copy_(0, rows, torch.where(keep, lse_rows, 0.0))
+    out_of_range = (targets != ignore_index) & ~valid
+    return torch.where(out_of_range, float("nan"), logp), lse
+
+
+def token_logprob_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
+                           bias: Tensor | None, lse: Tensor, ignore_index: int, softcap: float, backend: str,
+                           need_hidden: bool, need_weight: bool, need_bias: bool):
+    """(dH [N, D] | None, dW [V, D] | None, dB [V] | None) in the inputs' dtypes."""
+    valid = _valid(targets, weight.shape[0], ignore_index)
+    if backend == "triton":
+        return _kernels().token_logprob_bwd(hidden, weight, bias, targets, valid, lse, grad_logp, softcap,
+                                            need_hidden, need_weight, need_bias)
+    rows = _host_rows(valid)
+    keep = valid[rows]
+    # Rows outside the compaction (CUDA torch path) get a zero upstream gradient: no effect.
+    grad_rows = torch.where(keep, grad_logp.to(torch.float32)[rows], 0.0).contiguous()
+    d_rows, d_weight, d_bias = _host_impl(backend).token_logprob_bwd(
+        _f32(hidden[rows]), _f32(weight), _f32(bias), torch.where(keep, targets[rows], 0).contiguous(),
+        lse[rows].contiguous(), grad_rows, float(softcap), need_hidden, need_weight,
+        need_bias and bias is not None)
+    d_hidden = None
+    if need_hidden:
+        d_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, d_rows.to(hidden.dtype))
+    return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype))
+
+
+def segment_sum(values: Tensor, segment_ids: Tensor, num_segments: int, backend: str) -> Tensor:
+    """[num_segments] f32 per-segment sums; ids outside [0, num_segments) count nowhere."""
+    if backend == "triton":
+        return _kernels().segment_sum(values, segment_ids, num_segments)
+    return reference.segment_sum(values, segment_ids, num_segments)
