@@ -1,6 +1,7 @@
 """Answer judges: is a model's chain-of-thought output right? (DESIGN.md §4)
 
 ``extract_answer(dataset, text)`` finds the model's final answer in its full output;
+``canonical_answer`` spells it one way per meaning (the key for majority votes);
 ``is_correct(dataset, text, answer, choices=None)`` compares it with the gold answer. The
 judge decides which samples become SFT targets, which questions are "mixed" (refine / select
 data) and every accuracy we report, so it is strict where the public evaluation is strict and
@@ -43,7 +44,7 @@ import math
 import re
 from typing import Sequence
 
-__all__ = ["extract_answer", "is_correct", "normalise_dataset"]
+__all__ = ["extract_answer", "is_correct", "canonical_answer", "normalise_dataset"]
 
 _ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"\bthe (?:final |correct )?answer is\b\s*:?", re.IGNORECASE)
@@ -237,3 +238,30 @@ def is_correct(dataset: str, text: str, answer: str, choices: Sequence[str] | No
     if p is not None and g is not None:
         return math.isclose(p, g, rel_tol=1e-6, abs_tol=1e-9)
     return _same_text(pred, gold)
+
+
+def canonical_answer(dataset: str, text: str, choices: Sequence[str] | None = None,
+                     unit: str | None = None) -> str | None:
+    """The model's answer in one canonical spelling, as a key for majority votes.
+
+    Spellings the judge treats alike get the same key: "4.", "4 objects" and "four" -> "4"
+    (shapes-math), "(b)" and "B. 45°" -> "B" (geoqa), "$1,200" -> "1200", "0.50" -> "0.5".
+    Feeding ``answer_line(key)`` back to :func:`is_correct` gives the verdict of the original
+    text. None when the output has no answer (an integer task with no integer counts as none).
+    """
+    pred = extract_answer(dataset, text)
+    if pred is None:
+        return None
+    name = normalise_dataset(dataset)
+    if name in _INTEGER_SETS:
+        value = _integer(pred)
+        return None if value is None else str(value)
+    if name in _LETTER_SETS or (name == "tabmwp" and choices):
+        index = _option_index(pred, choices, len(choices) if choices else 5, text_first=name == "tabmwp")
+        if index is not None:
+            return str(choices[index]).strip() if name == "tabmwp" else _LETTERS[index]
+    else:
+        number = _tabmwp_number(pred, unit) if name == "tabmwp" else _plain_number(pred)
+        if number is not None:
+            return str(int(number)) if number.is_integer() else repr(number)
+    return _clean(pred).rstrip(".").strip().casefold() or None

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r3v_fast.data.judge import extract_answer, is_correct
+from r3v_fast.data.judge import canonical_answer, extract_answer, is_correct
 
 COT = "Let me look at the image carefully.\nThere are several steps here: 12 + 3 = 15.\n"
 
@@ -108,6 +108,8 @@ DATASETS = ["shapes-math", "clevr-math", "chartqa", "tabmwp", "geoqa", "m3cot", 
 def test_never_raises_on_arbitrary_text(dataset, text, gold, choices):
     found = extract_answer(dataset, text)
     assert found is None or isinstance(found, str)
+    key = canonical_answer(dataset, text, choices=choices)
+    assert key is None or isinstance(key, str)
     assert is_correct(dataset, text, gold, choices=choices) in (True, False)
 
 
@@ -167,3 +169,30 @@ def test_long_adversarial_text_is_fast():
     for dataset in DATASETS:
         is_correct(dataset, text, "1")
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("dataset, texts, choices, key", [
+    ("shapes-math", ["Answer: 4", "Answer: 4.", "Answer: 4 objects", "Answer: four", "so 7 - 3 = 4"], None, "4"),
+    ("geoqa", ["Answer: B", "Answer: (b)", "Answer: B. 45°", "Answer: 45°", "the answer is (B)"],
+     ("30°", "45°"), "B"),
+    ("chartqa", ["Answer: 1,200", "Answer: $1200", "Answer: 1200.0", "Answer: 1200%"], None, "1200"),
+    ("chartqa", ["Answer: Democrats.", "Answer: **democrats**"], None, "democrats"),
+    ("tabmwp", ["Answer: $0.50", "Answer: 1/2", "Answer: 0.5 dollars"], None, "0.5"),
+    ("tabmwp", ["Answer: odd", "Answer: (B)", "Answer: Odd."], ("even", "odd"), "odd"),
+    ("shapes-math", ["Answer: none", "nothing"], None, None),
+])
+def test_canonical_answer_groups_equal_answers(dataset, texts, choices, key):
+    assert [canonical_answer(dataset, t, choices=choices) for t in texts] == [key] * len(texts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="0123456789 .,$%/()ABCDEabcde-+\nAnswer:four", max_size=60),
+       dataset=st.sampled_from(DATASETS), gold=st.sampled_from(["4", "B", "0.5", "1/2", "1,200", "odd", "A"]))
+def test_canonical_answer_keeps_the_verdict(text, dataset, gold):
+    choices = ("even", "odd", "4") if dataset == "tabmwp" else None
+    key = canonical_answer(dataset, text, choices=choices, unit="$")
+    verdict = is_correct(dataset, text, gold, choices=choices, unit="$")
+    if key is None:
+        assert not verdict
+    else:
+        assert is_correct(dataset, f"Answer: {key}", gold, choices=choices, unit="$") == verdict
