@@ -1,0 +1,113 @@
+// pybind11 module r3v_fast._C: the C++ CPU kernels, called by r3v_fast/ops/cpp_backend.py.
+//
+// Arguments are numpy arrays (torch tensors pass through zero-copy via Tensor.numpy()), so the
+// build needs no torch headers. Nothing is converted or copied here: every array must already
+// have the exact dtype, shape and C layout, and outputs are written in place; anything else
+// raises a ValueError/TypeError naming the argument. The GIL is released while computing.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "token_logprob.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// Checks dtype, C-contiguity, shape (and writeability for outputs); returns the data pointer.
+template <typename T>
+T* buffer(const py::array& a, const char* name, const std::vector<int64_t>& shape, bool writable) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
+                         ", got " + std::string(py::str(a.dtype())));
+  std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+  if (got != shape) throw py::value_error(std::string(name) + ": expected shape " + shape_str(shape) + ", got " + shape_str(got));
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+  if (writable && !a.writeable()) throw py::value_error(std::string(name) + ": output array is read-only");
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+r3v::TokenLogprobProblem problem(const py::array& hidden, const py::array& weight, const py::object& bias,
+                                 const py::array& targets, float softcap) {
+  if (hidden.ndim() != 2 || weight.ndim() != 2)
+    throw py::value_error("hidden and weight must be 2-D ([N, D] and [V, D])");
+  r3v::TokenLogprobProblem p{};
+  p.N = hidden.shape(0);
+  p.D = hidden.shape(1);
+  p.V = weight.shape(0);
+  if (p.V < 1) throw py::value_error("weight: the vocabulary is empty (V = 0)");
+  if (!(softcap >= 0.0f)) throw py::value_error("softcap must be >= 0 (0 = no cap), got " + std::to_string(softcap));
+  p.softcap = softcap;
+  p.hidden = buffer<float>(hidden, "hidden", {p.N, p.D}, false);
+  p.weight = buffer<float>(weight, "weight", {p.V, p.D}, false);
+  p.bias = bias.is_none() ? nullptr : buffer<float>(bias.cast<py::array>(), "bias", {p.V}, false);
+  p.targets = buffer<int64_t>(targets, "targets", {p.N}, false);
+  for (int64_t i = 0; i < p.N; ++i)  // out-of-range targets would read outside the tile
+    if (p.targets[i] < 0 || p.targets[i] >= p.V)
+      throw py::value_error("targets[" + std::to_string(i) + "] = " + std::to_string(p.targets[i]) +
+                            " is out of range [0, " + std::to_string(p.V) + ")");
+  return p;
+}
+
+float* optional_out(const py::object& a, const char* name, const std::vector<int64_t>& shape) {
+  return a.is_none() ? nullptr : buffer<float>(a.cast<py::array>(), name, shape, true);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "r3v_fast C++ CPU kernels (fused LM-head token log-likelihood)";
+  m.attr("simd") = r3v::simd_name();
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+  m.def("max_threads", &r3v::max_threads, "Default number of threads (1 without OpenMP).");
+
+  m.def(
+      "token_logprob_fwd",
+      [](py::array hidden, py::array weight, py::object bias, py::array targets, float softcap, py::array out_logp,
+         py::array out_lse, int num_threads) {
+        const auto p = problem(hidden, weight, bias, targets, softcap);
+        float* logp = buffer<float>(out_logp, "out_logp", {p.N}, true);
+        float* lse = buffer<float>(out_lse, "out_lse", {p.N}, true);
+        py::gil_scoped_release release;
+        r3v::token_logprob_fwd(p, logp, lse, num_threads);
+      },
+      py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("softcap"),
+      py::arg("out_logp"), py::arg("out_lse"), py::arg("num_threads") = 0,
+      "Writes logp[N] = z[target] - lse and lse[N] = logsumexp(z), z = hidden @ weight.T (+ bias, soft-capped).");
+
+  m.def(
+      "token_logprob_bwd",
+      [](py::array hidden, py::array weight, py::object bias, py::array targets, py::array lse, py::array grad_logp,
+         float softcap, py::object out_grad_hidden, py::object out_grad_weight, py::object out_grad_bias,
+         int num_threads) {
+        const auto p = problem(hidden, weight, bias, targets, softcap);
+        const float* lse_p = buffer<float>(lse, "lse", {p.N}, false);
+        const float* g = buffer<float>(grad_logp, "grad_logp", {p.N}, false);
+        float* dh = optional_out(out_grad_hidden, "out_grad_hidden", {p.N, p.D});
+        float* dw = optional_out(out_grad_weight, "out_grad_weight", {p.V, p.D});
+        float* db = optional_out(out_grad_bias, "out_grad_bias", {p.V});
+        if (db && !p.bias) throw py::value_error("out_grad_bias given but bias is None");
+        py::gil_scoped_release release;
+        r3v::token_logprob_bwd(p, lse_p, g, dh, dw, db, num_threads);
+      },
+      py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"), py::arg("grad_logp"),
+      py::arg("softcap"), py::arg("out_grad_hidden"), py::arg("out_grad_weight"), py::arg("out_grad_bias"),
+      py::arg("num_threads") = 0,
+      "Writes the requested gradients (None = skip) of sum(grad_logp * logp) w.r.t. hidden, weight, bias.");
+
+  m.def("token_logprob_workspace_bytes", &r3v::token_logprob_workspace_bytes, py::arg("N"), py::arg("D"), py::arg("V"),
+        py::arg("num_threads"), py::arg("backward"), py::arg("need_hidden") = true, py::arg("need_weight") = true,
+        py::arg("need_bias") = false, "Scratch bytes one call allocates (besides its outputs).");
+}

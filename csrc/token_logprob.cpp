@@ -1,0 +1,318 @@
+// Fused LM-head token log-likelihood, forward and backward, on the CPU.
+//
+// Forward:  z = H W^T + b (fp32 accumulation), z <- cap * tanh(z / cap) if capped,
+//           lse = logsumexp_v z, logp = z[target] - lse.
+// Backward: dz = g * (onehot(target) - softmax(z)) * (1 - tanh^2 if capped),
+//           dH = dz W, dW = dz^T H, db = sum_n dz  (z recomputed; nothing [N, V] is saved).
+//
+// Blocking. Tokens come in blocks of MC = 192, vocabulary rows in blocks of NC = 96. For one
+// (vocab block, token block) pair the logits tile is computed *transposed*, ZT[NC][MC]
+// (vocab rows x token columns, 72 KiB, stays in L2), so that every epilogue is vectorized
+// over 16 tokens with per-lane running max / sum: no horizontal reductions. Three GEMMs run
+// on the same register-blocked micro-kernel (simd.h, 6 x 64 tile, 24 zmm accumulators):
+//   GEMM1  ZT[v][t]  = sum_d W[v][d] Hp[d][t]   M=vocab   N=tokens K=D     (H packed once)
+//   GEMM2  dW[v][:] += sum_t dZT[v][t] H[t][:]  M=vocab   N=D      K=tokens
+//   GEMM3  dH[t][:] += sum_v dZT[v][t] W[v][:]  M=tokens  N=D      K=vocab
+// The micro-kernel broadcasts A elements, so W rows and the dZT tile are used in place; only
+// H needs a repack (Hp: 64-token panels, d-major, zero-padded), done once per call.
+//
+// Threads and determinism. Forward: each thread owns a range of token blocks and walks the
+// vocabulary blocks in order, so every token's online logsumexp sees the same order for any
+// thread count. Backward with dW/db: each thread owns a range of vocab blocks (its dW/db rows
+// are accumulated over token blocks in order) and writes dH into its own partial buffer,
+// summed in thread order at the end: bitwise reproducible for a fixed thread count. Backward
+// with only dH: threads own token blocks, like the forward. No atomics anywhere.
+#include "token_logprob.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace r3v {
+namespace {
+
+constexpr int MR = 6;            // micro-tile rows
+constexpr int NV = 4;            // micro-tile width in vectors
+constexpr int NR = kLanes * NV;  // micro-tile columns = token panel width (64)
+constexpr long MC = 192;         // tokens per block (3 panels)
+constexpr long NC = 96;          // vocabulary rows per block
+static_assert(MC % NR == 0, "a token block is a whole number of packed panels");
+static_assert(MC % kLanes == 0, "epilogue rows are whole vectors");
+
+struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
+using Buffer = std::unique_ptr<float[], FreeDeleter>;
+Buffer alloc_floats(size_t n) {  // 64-byte aligned, uninitialized
+  const size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+  return Buffer(static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64)));
+}
+
+using Kernel = void (*)(long, const float*, long, long, const float*, long, float*, long, int, bool);
+#define R3V_ROW(m) {&micro_kernel<m, 1>, &micro_kernel<m, 2>, &micro_kernel<m, 3>, &micro_kernel<m, 4>}
+const Kernel kKernels[MR][NV] = {R3V_ROW(1), R3V_ROW(2), R3V_ROW(3), R3V_ROW(4), R3V_ROW(5), R3V_ROW(6)};
+#undef R3V_ROW
+static_assert(MR == 6 && NV == 4, "kKernels lists every (rows, vectors) tail case");
+
+// C[M, N] (+)= A[M, K] B[K, N] with A(i,k) = A[i*rsa + k*csa], B row-major (ldb), C (ldc).
+// Column slivers outer so one K x 64 sliver of B is reused by all row slivers of A.
+void gemm(long M, long N, long K, const float* A, long rsa, long csa, const float* B, long ldb,
+          float* C, long ldc, bool accumulate) {
+  for (long n0 = 0; n0 < N; n0 += NR) {
+    const int width = int(std::min<long>(NR, N - n0));
+    const int nv = (width + kLanes - 1) / kLanes;
+    const int n_last = width - kLanes * (nv - 1);
+    for (long i0 = 0; i0 < M; i0 += MR) {
+      const int mr = int(std::min<long>(MR, M - i0));
+      kKernels[mr - 1][nv - 1](K, A + i0 * rsa, rsa, csa, B + n0, ldb, C + i0 * ldc + n0, ldc, n_last, accumulate);
+    }
+  }
+}
+
+long ceil_div(long a, long b) { return (a + b - 1) / b; }
+long range_begin(long n, int parts, int i) { return n * i / parts; }  // even static split
+
+// Hp[q][d][j] = H[q*NR + j][d], zero for j past the last token: GEMM1's B operand, NR
+// contiguous tokens per d. Transposed in 16-wide d strips so writes stay in L1.
+Buffer pack_hidden(const TokenLogprobProblem& p, int threads) {
+  const long panels = ceil_div(p.N, NR), D = p.D;
+  Buffer hp = alloc_floats(size_t(panels) * NR * D);
+  float* out = hp.get();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long q = 0; q < panels; ++q) {
+    float* dst = out + q * D * NR;
+    for (long d0 = 0; d0 < D; d0 += kLanes) {
+      const long d1 = std::min(D, d0 + kLanes);
+      for (long j = 0; j < NR; ++j) {
+        const long t = q * NR + j;
+        for (long d = d0; d < d1; ++d) dst[d * NR + j] = t < p.N ? p.hidden[t * D + d] : 0.0f;
+      }
+    }
+  }
+  return hp;
+}
+
+// GEMM1 for one tile: ZT[v][t] = W[v0+v] . H[t0+t] over d, v < nv, t < ceil(nt/NR)*NR.
+void logits_tile(const TokenLogprobProblem& p, const float* hp, long v0, long nv, long t0, long nt, float* zt) {
+  for (long q = 0; q < ceil_div(nt, NR); ++q)
+    gemm(nv, NR, p.D, p.weight + v0 * p.D, p.D, 1, hp + (t0 / NR + q) * p.D * NR, NR, zt + q * NR, MC, false);
+}
+
+// Adds the bias and applies the soft cap, in place, to 16 tokens of one ZT row.
+inline vf finish_logits(vf z, const TokenLogprobProblem& p, long v) {
+  if (p.bias) z = vadd(z, vset1(p.bias[v]));
+  if (p.softcap > 0.0f) z = vmul(vset1(p.softcap), vtanh(vmul(z, vset1(1.0f / p.softcap))));
+  return z;
+}
+
+// Forward epilogue: fold the tile into each token's running (max, sum exp(z - max)) and pick
+// up the target logit. Per 16-token group the block max is found first, so the running sum
+// is rescaled once per block: sum <- sum * exp(m_old - m_new) + sum_v exp(z_v - m_new).
+void forward_epilogue(const TokenLogprobProblem& p, float* zt, long v0, long nv, long t0, long nt,
+                      float* run_max, float* run_sum, float* z_target) {
+  for (long c0 = 0; c0 < nt; c0 += kLanes) {
+    const int n = int(std::min<long>(kLanes, nt - c0));
+    vf block_max = vset1(-std::numeric_limits<float>::infinity());
+    for (long v = 0; v < nv; ++v) {
+      float* row = zt + v * MC + c0;
+      const vf z = finish_logits(vload_n(row, n), p, v0 + v);
+      vstore_n(row, z, n);
+      block_max = vmax(block_max, z);
+    }
+    const vf m_old = vload_n(run_max + t0 + c0, n);
+    const vf m_new = vmax(m_old, block_max);
+    vf sum = vmul(vload_n(run_sum + t0 + c0, n), vexp(vsub(m_old, m_new)));  // exp(-inf) = 0 at start
+    for (long v = 0; v < nv; ++v) sum = vadd(sum, vexp(vsub(vload_n(zt + v * MC + c0, n), m_new)));
+    vstore_n(run_max + t0 + c0, m_new, n);
+    vstore_n(run_sum + t0 + c0, sum, n);
+  }
+  for (long t = 0; t < nt; ++t) {
+    const long k = p.targets[t0 + t] - v0;
+    if (k >= 0 && k < nv) z_target[t0 + t] = zt[k * MC + t];  // fp32 logit, before any rounding
+  }
+}
+
+// Backward epilogue: overwrite the raw logits tile with dZT, and add this block's part of db.
+//   dz = g * (onehot - p) * c',  p = exp(z - lse),  c' = 1 - tanh^2(z_raw / cap) (1 uncapped)
+// computed as -g*p*c' for every entry, then + g*c' at each token's target.
+void backward_epilogue(const TokenLogprobProblem& p, float* zt, long v0, long nv, long t0, long nt,
+                       const float* lse, const float* grad, float* grad_bias) {
+  const bool capped = p.softcap > 0.0f;
+  float target_slope[MC];  // c' at each token's target when it falls in this block
+  for (long t = 0; t < nt; ++t) {
+    const long k = p.targets[t0 + t] - v0;
+    if (k < 0 || k >= nv) continue;
+    if (!capped) { target_slope[t] = 1.0f; continue; }
+    // Same vector ops as the loop below, so that -g*p*c' + g*c' cancels exactly when p = 1.
+    vf z = vset1(zt[k * MC + t]);
+    if (p.bias) z = vadd(z, vset1(p.bias[v0 + k]));
+    const vf th = vtanh(vmul(z, vset1(1.0f / p.softcap)));
+    alignas(64) float slope[kLanes];
+    vstore(slope, vfnmadd(th, th, vset1(1.0f)));
+    target_slope[t] = slope[0];
+  }
+  for (long c0 = 0; c0 < nt; c0 += kLanes) {
+    const int n = int(std::min<long>(kLanes, nt - c0));
+    const vf lse_v = vload_n(lse + t0 + c0, n);
+    const vf neg_g = vsub(vzero(), vload_n(grad + t0 + c0, n));
+    for (long v = 0; v < nv; ++v) {
+      float* row = zt + v * MC + c0;
+      vf z = vload_n(row, n);
+      if (p.bias) z = vadd(z, vset1(p.bias[v0 + v]));
+      vf dz;
+      if (capped) {
+        const vf th = vtanh(vmul(z, vset1(1.0f / p.softcap)));
+        const vf prob = vexp(vsub(vmul(vset1(p.softcap), th), lse_v));
+        dz = vmul(vmul(neg_g, prob), vfnmadd(th, th, vset1(1.0f)));
+      } else {
+        dz = vmul(neg_g, vexp(vsub(z, lse_v)));
+      }
+      vstore_n(row, dz, n);
+    }
+  }
+  for (long t = 0; t < nt; ++t) {
+    const long k = p.targets[t0 + t] - v0;
+    if (k >= 0 && k < nv) zt[k * MC + t] += grad[t0 + t] * target_slope[t];
+  }
+  if (grad_bias) {
+    for (long v = 0; v < nv; ++v) {  // fixed order: 16-lane partial sums over token groups, then lanes
+      alignas(64) float lanes[kLanes];
+      vf acc = vzero();
+      for (long c0 = 0; c0 < nt; c0 += kLanes) acc = vadd(acc, vload_n(zt + v * MC + c0, int(std::min<long>(kLanes, nt - c0))));
+      vstore(lanes, acc);
+      float s = 0.0f;
+      for (int i = 0; i < kLanes; ++i) s += lanes[i];
+      grad_bias[v0 + v] += s;
+    }
+  }
+}
+
+int team_size(int requested) {
+#ifdef _OPENMP
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  (void)requested;
+  return 1;
+#endif
+}
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+int thread_count() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+void token_logprob_fwd(const TokenLogprobProblem& p, float* logp, float* lse, int num_threads) {
+  if (p.N == 0) return;
+  const long token_blocks = ceil_div(p.N, MC), vocab_blocks = ceil_div(p.V, NC);
+  const int threads = int(std::min<long>(team_size(num_threads), token_blocks));
+  Buffer hp = pack_hidden(p, threads);
+  // lse holds the running max and logp the target logit until the final combine.
+  std::vector<float> run_sum(size_t(p.N), 0.0f);
+  std::fill(lse, lse + p.N, -std::numeric_limits<float>::infinity());
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = thread_id(), nthr = thread_count();
+    const long b0 = range_begin(token_blocks, nthr, tid), b1 = range_begin(token_blocks, nthr, tid + 1);
+    Buffer zt = alloc_floats(size_t(NC * MC));
+    for (long vb = 0; vb < vocab_blocks; ++vb) {
+      const long v0 = vb * NC, nv = std::min(NC, p.V - v0);
+      for (long tb = b0; tb < b1; ++tb) {
+        const long t0 = tb * MC, nt = std::min(MC, p.N - t0);
+        logits_tile(p, hp.get(), v0, nv, t0, nt, zt.get());
+        forward_epilogue(p, zt.get(), v0, nv, t0, nt, lse, run_sum.data(), logp);
+      }
+    }
+  }
+  for (long t = 0; t < p.N; ++t) {
+    lse[t] += std::log(run_sum[t]);  // lse = max + log(sum exp(z - max)), sum >= 1
+    logp[t] -= lse[t];
+  }
+}
+
+void token_logprob_bwd(const TokenLogprobProblem& p, const float* lse, const float* grad_logp,
+                       float* grad_hidden, float* grad_weight, float* grad_bias, int num_threads) {
+  if (!grad_hidden && !grad_weight && !grad_bias) return;
+  if (p.N == 0 || p.D == 0) {  // no tokens: zero gradients; D = 0: only db is non-empty
+    if (grad_weight) std::memset(grad_weight, 0, sizeof(float) * size_t(p.V * p.D));
+    if (grad_bias) std::memset(grad_bias, 0, sizeof(float) * size_t(p.V));
+    if (p.N == 0) return;
+  }
+  const long token_blocks = ceil_div(p.N, MC), vocab_blocks = ceil_div(p.V, NC);
+  // dW / db need vocab ownership; with only dH, threads own tokens and need no partials.
+  const bool by_vocab = grad_weight || grad_bias;
+  const int threads = int(std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : token_blocks));
+  Buffer hp = pack_hidden(p, threads);
+  std::vector<Buffer> dh_partial;  // thread i > 0 accumulates dH into dh_partial[i - 1]
+  if (by_vocab && grad_hidden)
+    for (int i = 1; i < threads; ++i) dh_partial.push_back(alloc_floats(size_t(p.N * p.D)));
+  if (grad_bias) std::memset(grad_bias, 0, sizeof(float) * size_t(p.V));
+  int team = 1;
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = thread_id(), nthr = thread_count();
+    if (tid == 0) team = nthr;
+    const long parts = by_vocab ? vocab_blocks : token_blocks;
+    const long r0 = range_begin(parts, nthr, tid), r1 = range_begin(parts, nthr, tid + 1);
+    const long vb0 = by_vocab ? r0 : 0, vb1 = by_vocab ? r1 : vocab_blocks;
+    const long tb0 = by_vocab ? 0 : r0, tb1 = by_vocab ? token_blocks : r1;
+    float* dh = grad_hidden ? (tid == 0 || !by_vocab ? grad_hidden : dh_partial[tid - 1].get()) : nullptr;
+    Buffer zt = alloc_floats(size_t(NC * MC));
+    for (long vb = vb0; vb < vb1; ++vb) {
+      const long v0 = vb * NC, nv = std::min(NC, p.V - v0);
+      for (long tb = tb0; tb < tb1; ++tb) {
+        const long t0 = tb * MC, nt = std::min(MC, p.N - t0);
+        logits_tile(p, hp.get(), v0, nv, t0, nt, zt.get());
+        backward_epilogue(p, zt.get(), v0, nv, t0, nt, lse, grad_logp, grad_bias);
+        if (grad_weight)  // GEMM2: first token block writes, later ones accumulate
+          gemm(nv, p.D, nt, zt.get(), MC, 1, p.hidden + t0 * p.D, p.D, grad_weight + v0 * p.D, p.D, tb > 0);
+        if (dh)  // GEMM3: this thread's first vocab block writes, later ones accumulate
+          gemm(nt, p.D, nv, zt.get(), 1, MC, p.weight + v0 * p.D, p.D, dh + t0 * p.D, p.D, vb > vb0);
+      }
+    }
+  }
+  if (!dh_partial.empty() && team > 1) {  // dH = partial_0 + partial_1 + ..., in thread order
+    const long total = p.N * p.D;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < total; i += 4096) {
+      const long end = std::min(total, i + 4096);
+      for (int j = 0; j < team - 1; ++j) {
+        const float* src = dh_partial[j].get();
+        for (long e = i; e < end; ++e) grad_hidden[e] += src[e];
+      }
+    }
+  }
+}
+
+int64_t token_logprob_workspace_bytes(int64_t N, int64_t D, int64_t V, int num_threads, bool backward,
+                                      bool need_hidden, bool need_weight, bool need_bias) {
+  if (N == 0) return 0;
+  const long token_blocks = ceil_div(N, MC), vocab_blocks = ceil_div(V, NC);
+  const bool by_vocab = backward && (need_weight || need_bias);
+  const long threads = std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : token_blocks);
+  int64_t floats = ceil_div(N, NR) * NR * D + threads * NC * MC;
+  if (!backward) floats += N;
+  if (by_vocab && need_hidden) floats += (threads - 1) * N * D;
+  return floats * int64_t(sizeof(float));
+}
+
+int max_threads() { return team_size(0); }
+const char* simd_name() { return R3V_AVX512 ? "avx512" : "generic"; }
+
+}  // namespace r3v

@@ -1,0 +1,91 @@
+"""The "cpp" backend of the fused token log-likelihood: torch tensors in, r3v_fast._C out.
+
+r3v_fast._C (csrc/, built by CMake + pybind11, no torch headers) works on raw float/int64
+buffers. This module checks the tensors, hands them over zero-copy as numpy views, allocates
+the outputs as torch tensors and lets the C++ code write into them. The op in
+r3v_fast/ops/ dispatches here on the CPU when ``available()``.
+
+Numerics (csrc/token_logprob.cpp): fp32 accumulation of every dot product, of the
+logsumexp and of dW/db; the target logit is taken from the fp32 tile before any rounding.
+The [N, V] logits are never stored; backward recomputes them tile by tile. Results are
+bitwise reproducible for a fixed ``torch.get_num_threads()`` (the forward for any count).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from r3v_fast import _C
+except ImportError:  # built without the extension (R3V_NO_CPP=1, no compiler): pure Python
+    _C = None
+
+
+def available() -> bool:
+    """True iff the C++ extension r3v_fast._C was built and imports."""
+    return _C is not None
+
+
+def _require() -> None:
+    if _C is None:
+        raise RuntimeError("r3v_fast._C is not built: reinstall with a C++ compiler and CMake "
+                           "(`pip install -e .`, without R3V_NO_CPP=1) or use backend='torch'")
+
+
+def _as_buffer(tensor: torch.Tensor, name: str, dtype: torch.dtype):
+    """A contiguous CPU tensor of ``dtype`` as a numpy view (no copy when already contiguous)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name}: the cpp backend runs on the CPU, got a tensor on {tensor.device}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name}: the cpp backend takes {dtype}, got {tensor.dtype}")
+    return tensor.detach().contiguous().numpy()
+
+
+def _inputs(hidden, weight, bias, targets):
+    return (_as_buffer(hidden, "hidden", torch.float32), _as_buffer(weight, "weight", torch.float32),
+            None if bias is None else _as_buffer(bias, "bias", torch.float32),
+            _as_buffer(targets, "targets", torch.int64))
+
+
+def token_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp[N] = z[target] - lse and lse[N] = logsumexp_v z, for z = hidden @ weight.T + bias
+    (soft-capped as softcap * tanh(z / softcap) when softcap > 0). hidden [N, D] f32,
+    weight [V, D] f32, bias [V] f32 or None, targets [N] int64 with 0 <= t < V."""
+    _require()
+    h, w, b, t = _inputs(hidden, weight, bias, targets)
+    logp = torch.empty(h.shape[0], dtype=torch.float32)  # [N]
+    lse = torch.empty(h.shape[0], dtype=torch.float32)   # [N]
+    _C.token_logprob_fwd(h, w, b, t, float(softcap), logp.numpy(), lse.numpy(), torch.get_num_threads())
+    return logp, lse
+
+
+def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      targets: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, softcap: float,
+                      need_hidden: bool, need_weight: bool, need_bias: bool
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of sum_n grad_logp[n] * logp[n]: (d hidden [N, D], d weight [V, D], d bias [V]),
+    each None unless requested (d bias also None without a bias). lse is the forward's."""
+    _require()
+    h, w, b, t = _inputs(hidden, weight, bias, targets)
+    n, d = h.shape
+    v = w.shape[0]
+    grad_hidden = torch.empty(n, d, dtype=torch.float32) if need_hidden else None          # [N, D]
+    grad_weight = torch.empty(v, d, dtype=torch.float32) if need_weight else None          # [V, D]
+    grad_bias = torch.empty(v, dtype=torch.float32) if need_bias and b is not None else None  # [V]
+    _C.token_logprob_bwd(h, w, b, t, _as_buffer(lse, "lse", torch.float32),
+                         _as_buffer(grad_logp, "grad_logp", torch.float32), float(softcap),
+                         None if grad_hidden is None else grad_hidden.numpy(),
+                         None if grad_weight is None else grad_weight.numpy(),
+                         None if grad_bias is None else grad_bias.numpy(), torch.get_num_threads())
+    return grad_hidden, grad_weight, grad_bias
+
+
+def workspace_bytes(n: int, d: int, v: int, *, backward: bool, need_hidden: bool = True,
+                    need_weight: bool = True, need_bias: bool = False) -> int:
+    """Scratch bytes one fwd/bwd call allocates besides its outputs (for memory reports)."""
+    _require()
+    return _C.token_logprob_workspace_bytes(n, d, v, torch.get_num_threads(), backward,
+                                            need_hidden, need_weight, need_bias)
