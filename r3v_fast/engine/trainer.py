@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from r3v_fast.engine.examples import Example, tokenize_examples
 from r3v_fast.engine.packing import pack
+from r3v_fast.model.loading import pad_id
 from r3v_fast.scoring import TargetLogprobs
 
 TASKS = ("sft", "refine", "select", "warmup")
@@ -245,7 +246,8 @@ class Trainer:
     def _step(self, wrapper, optimizer, scheduler, step_examples, step: int) -> dict:
         opts, acc = self.options, self.accelerator
         mine = step_examples[acc.process_index::acc.num_processes]   # this rank's share
-        batches = pack(mine, mode=opts.packing, max_tokens=opts.max_tokens, shuffle_seed=None) if mine else []
+        batches = pack(mine, mode=opts.packing, max_tokens=opts.max_tokens, shuffle_seed=None,
+                       pad_id=pad_id(self.processor)) if mine else []
 
         # Target-token counts of the whole step, per task, summed over ranks (one small reduce).
         local = torch.zeros(len(TASKS))
@@ -276,7 +278,7 @@ class Trainer:
                                        f"this batch: {sorted(set(batch.groups))}")
             acc.backward(scaled)
             if not padding:
-                stats[0] += float(loss)
+                stats[0] += float(loss.detach())
                 for task, lp, nt in zip(batch.tasks, logp.detach().tolist(), n_tok.tolist()):
                     stats[1 + TASKS.index(task)] -= lp
                     stats[1 + len(TASKS) + TASKS.index(task)] += nt

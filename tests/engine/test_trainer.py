@@ -1,0 +1,103 @@
+"""Trainer: the loss is the NLL of target tokens only (checked by hand on a tiny model), both
+loss mixes are exact over a step split into micro-batches, a NaN stops training with the
+batch's questions, and a step plan never splits a question group."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from r3v_fast.data import prompts
+from r3v_fast.data.records import Record
+from r3v_fast.engine.examples import Example
+from r3v_fast.engine.trainer import TrainingDiverged, TrainOptions, Trainer, plan_steps
+from r3v_fast.model.loading import end_of_turn_id, load_vlm
+
+
+@pytest.fixture(scope="module")
+def model_and_examples(tiny_qwen2vl_dir, rgb_images, tmp_path_factory):
+    model, processor = load_vlm(tiny_qwen2vl_dir)
+    folder = tmp_path_factory.mktemp("trainer_imgs")
+    examples = []
+    for i, img in enumerate(rgb_images[:2]):
+        path = folder / f"{i}.png"
+        img.save(path)
+        rec = Record(id=f"q{i}", image=str(path), question="How many red objects are there?", answer="2",
+                     dataset="shapes-math")
+        render = lambda m: prompts.render(processor, m)   # noqa: E731
+        examples += [
+            Example("sft", rec.id, str(path), render(prompts.cot_messages(rec)), "I see 2 red objects.\nAnswer: 2", rec.id),
+            Example("refine", rec.id, str(path), render(prompts.refine_messages(rec, "I see 3.\nAnswer: 3")),
+                    "I see 2 red objects.\nAnswer: 2", rec.id),
+            Example("select", rec.id, str(path), render(prompts.select_messages(rec, ["Answer: 3", "Answer: 2", "Answer: 1"])),
+                    "Answer: 2", rec.id),
+        ]
+    return model, processor, examples
+
+
+def hand_nll(model, processor, example):
+    """Target-token NLL sum and count from the model's full logits (float64), by hand."""
+    from PIL import Image
+
+    enc = processor(text=[example.prompt], images=[Image.open(example.image).convert("RGB")], return_tensors="pt")
+    target = processor.tokenizer(example.target, add_special_tokens=False)["input_ids"] + [end_of_turn_id(processor)]
+    ids = torch.cat([enc["input_ids"], torch.tensor([target])], dim=1)
+    inputs = {**enc, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "mm_token_type_ids" in enc:      # Qwen2-VL marks image tokens; target tokens are text (0)
+        inputs["mm_token_type_ids"] = torch.cat(
+            [enc["mm_token_type_ids"], torch.zeros(1, len(target), dtype=enc["mm_token_type_ids"].dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    n_prompt = enc["input_ids"].shape[1]
+    nll = -sum(logp[n_prompt + j - 1, t].item() for j, t in enumerate(target))
+    return nll, len(target)
+
+
+@pytest.mark.parametrize("packing", ["none", "tree"])
+@pytest.mark.parametrize("loss_mix", ["official", "per-task"])
+def test_first_step_loss_is_target_token_nll(model_and_examples, packing, loss_mix, tmp_path):
+    model, processor, examples = model_and_examples
+    hand = [hand_nll(model, processor, ex) for ex in examples]
+    weights = {"sft": 1.0, "refine": 0.5, "select": 2.0}
+    if loss_mix == "official":
+        expected = sum(n for n, _ in hand) / sum(c for _, c in hand)
+    else:
+        expected = 0.0
+        for task, w in weights.items():
+            nll = sum(n for (n, _), ex in zip(hand, examples) if ex.task == task)
+            count = sum(c for (_, c), ex in zip(hand, examples) if ex.task == task)
+            expected += w * nll / count
+    # lr 0 leaves the weights alone; max_tokens forces several micro-batches per step.
+    opts = TrainOptions(epochs=1, lr=0.0, batch_size=64, max_tokens=400, max_length=1024, packing=packing,
+                        loss_mix=loss_mix, weight_sft=1.0, weight_refine=0.5, weight_select=2.0, lora_r=0,
+                        save_every=0)
+    trainer = Trainer(model, processor, Accelerator(cpu=True), opts, tmp_path / "state", show_progress=False)
+    summary = trainer.train(examples)
+    first = summary["history"][0]
+    assert summary["steps"] == 1
+    assert first["loss"] == pytest.approx(expected, rel=1e-5)
+    sft = [(n, c) for (n, c), ex in zip(hand, examples) if ex.task == "sft"]
+    assert first["L_SFT"] == pytest.approx(sum(n for n, _ in sft) / sum(c for _, c in sft), rel=1e-5)
+
+
+def test_nan_loss_names_the_questions(model_and_examples, tmp_path):
+    model, processor, examples = model_and_examples
+    import copy
+
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.lm_head.weight.fill_(float("nan"))
+    opts = TrainOptions(epochs=1, lr=1e-3, batch_size=64, max_tokens=4096, lora_r=0, save_every=0, packing="none")
+    trainer = Trainer(bad, processor, Accelerator(cpu=True), opts, tmp_path / "state", show_progress=False)
+    with pytest.raises(TrainingDiverged, match=r"step 0.*q0"):
+        trainer.train(examples)
+
+
+def test_plan_steps_keeps_groups_whole_and_is_deterministic():
+    exs = [Example("sft", f"g{i // 3}", "", "p", "t") for i in range(12)]
+    steps = plan_steps(exs, batch_size=4, epochs=2, seed=0)
+    assert steps == plan_steps(exs, batch_size=4, epochs=2, seed=0)
+    for step in steps:
+        groups = {exs[i].group for i in step}
+        assert all(sum(exs[i].group == g for i in step) == 3 for g in groups)
+    assert sorted(i for s in steps for i in s) == sorted(list(range(12)) * 2)
