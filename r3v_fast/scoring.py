@@ -24,21 +24,9 @@ from r3v_fast.engine.examples import Example, tokenize_examples
 from r3v_fast.engine.packing import PackedBatch, pack
 from r3v_fast.model.loading import lm_head_and_backbone, pad_id
 from r3v_fast.model.tree_attention import enable_tree_attention
+from r3v_fast.ops import segment_logprob
 
 __all__ = ["TargetLogprobs", "sequence_logprobs"]
-
-
-def _segment_logprob(hidden, weight, targets, segment_ids, num_segments, *, bias=None):
-    """r3v_fast.ops.segment_logprob, or a plain PyTorch stand-in while the op is not installed."""
-    try:
-        from r3v_fast.ops import segment_logprob
-    except ImportError:
-        # TEMPORARY stand-in until r3v_fast.ops.segment_logprob lands: full logits, fp32 softmax.
-        logits = torch.nn.functional.linear(hidden, weight, bias).float()      # [N, V]
-        token_logp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]  # [N]
-        return torch.zeros(num_segments, dtype=torch.float32, device=hidden.device
-                           ).index_add(0, segment_ids, token_logp)
-    return segment_logprob(hidden, weight, targets, segment_ids, num_segments, bias=bias)
 
 
 class TargetLogprobs(torch.nn.Module):
@@ -61,8 +49,8 @@ class TargetLogprobs(torch.nn.Module):
         lm_head, backbone = lm_head_and_backbone(self.model)
         hidden = backbone(**batch.model_inputs())                           # [B, T, D]
         states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)  # [N, D]
-        logp = _segment_logprob(states, lm_head.weight, batch.target_ids, batch.segment_ids,
-                                batch.n_examples, bias=getattr(lm_head, "bias", None))  # [n_ex]
+        logp = segment_logprob(states, lm_head.weight, batch.target_ids, batch.segment_ids,
+                               batch.n_examples, bias=getattr(lm_head, "bias", None))  # [n_ex]
         return logp, batch.n_target_tokens
 
 
