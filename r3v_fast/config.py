@@ -125,8 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON file of field: value overrides, applied after the preset")
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
+        extra = dict(nargs="?", const=True) if _field_parser(f) is _parse_bool else {}
         parser.add_argument(flag, dest=f.name, type=_field_parser(f), default=None,
-                            help=f"(default: {f.default!r})")
+                            help=f"(default: {f.default!r})", **extra)
 
 
 def resolve(args: argparse.Namespace) -> RunConfig:

@@ -21,6 +21,7 @@ def test_precedence(tmp_path):
     cfg = parse(["--preset", "smoke", "--config", str(cfg_file), "--lr", "0.25", "--include-warmup", "false"])
     assert cfg.k == 5 and cfg.lr == 0.25 and cfg.include_warmup is False
     assert cfg.iterations == PRESETS["smoke"]["iterations"]
+    assert parse(["--resume"]).resume is True and parse(["--resume", "no"]).resume is False
 
 
 def test_every_field_has_a_flag_and_json_round_trips():

@@ -3,8 +3,8 @@
 - Pass@1: one greedy CoT answer per question.
 - K sampled candidates per question (one sampling pass with K_max; every smaller K uses the
   first K of them):
-  - maj@K: majority vote over the extracted answers (unparseable answers do not vote; ties go
-    to the answer seen first);
+  - maj@K: majority vote over the canonical extracted answers ("4", "4." and "four" are one
+    vote; unparseable answers do not vote; ties go to the answer seen first);
   - oracle@K: at least one candidate is right (an upper bound for any selector);
   - select@K: the model itself is shown the K candidates with the self-select prompt and
     answers greedily. select@1 is the first candidate's correctness (nothing to select).
@@ -60,7 +60,7 @@ def score_questions(
             "id": record.id,
             "greedy": g,
             "greedy_correct": is_right(record, g),
-            "answers": [judge.extract_answer(record.dataset, c) for c in cands],
+            "answers": [judge.canonical_answer(record.dataset, c, record.choices, record.unit) for c in cands],
             "correct": [is_right(record, c) for c in cands],
             "candidates": cands,
             "select": {},
