@@ -1,0 +1,366 @@
+"""Tests for r3v_fast.ops.token_logprob / segment_logprob on every backend that can run here.
+
+The oracle is a float64 full-logits computation written out below (log_softmax + gather,
+gradients by autograd), independent of the package. Tolerance (DESIGN.md §6): the max error,
+relative to the largest reference value, must be <= max(2 x the same-dtype eager error, floor)
+with floors fp32 1e-5, fp16 1e-3, bf16 1e-2. The "eager" run is the same few lines in the
+input dtype. Backends: "torch" always, "cpp" when the extension is built, "triton" on CUDA or
+under TRITON_INTERPRET=1 (the interpreter is slow: shapes stay small, runs stay few).
+Tests that need a GPU (bf16, T·V > 2^31, no-sync check, inductor) skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from r3v_fast.ops import segment_logprob, token_logprob
+
+backends = importlib.import_module("r3v_fast.ops.segment_logprob_backends")
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def _backend_param(name):
+    runnable = {"torch": True, "cpp": backends.cpp_available() and not CUDA,
+                "triton": backends.triton_available() and (CUDA or os.environ.get("TRITON_INTERPRET") == "1")}
+    return pytest.param(name, marks=pytest.mark.skipif(not runnable[name], reason=f"{name} backend cannot run here"))
+
+
+BACKENDS = [_backend_param(name) for name in ("torch", "cpp", "triton")]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+# ---------------------------------------------------------------- oracle (independent)
+def oracle_token_logprob(hidden, weight, targets, bias=None, softcap=None, ignore_index=-100, dtype=torch.float64):
+    """Full [T, V] logits in `dtype`: float64 = the reference, the input dtype = eager baseline."""
+    h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    z = h @ weight.to(dtype).T
+    if bias is not None:
+        z = z + bias.to(dtype)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    t = targets.reshape(-1)
+    picked = torch.log_softmax(z, dim=-1).gather(1, t.clamp(min=0)[:, None])[:, 0]
+    return torch.where(t != ignore_index, picked, torch.zeros_like(picked))
+
+
+def oracle_segment_sum(token_values, segment_ids, num_segments):
+    onehot = segment_ids.reshape(-1)[None, :] == torch.arange(num_segments, device=segment_ids.device)[:, None]
+    return onehot.to(token_values.dtype) @ token_values  # [S]
+
+
+def run_with_grads(fn, tensors, grad_out):
+    """fn(*leaves) and the gradients of <fn, grad_out> w.r.t. the leaves that require grad."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    diff = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, diff, grad_out.to(out.dtype)) if diff else []
+    return out.detach(), list(grads)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_within_budget(name, got, ref, eager, dtype):
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err, budget = rel_err(got, ref), max(2 * rel_err(eager, ref), FLOOR[dtype])
+    assert err <= budget, f"{name}: error {err:.3e} > budget {budget:.3e} (eager {rel_err(eager, ref):.3e})"
+
+
+# ---------------------------------------------------------------- inputs
+def make_inputs(dtype, *, T=47, D=123, V=507, bias=False, layout="contiguous", ignore_every=4, seed=0):
+    """hidden, weight, bias, targets with logits of realistic spread (std ~2).
+
+    layout: "contiguous" [T, D]; "strided" [T, D] viewed out of [T, 2D] (hidden stride 2);
+    "leading" [2, T//2, D] transposed out of [T//2, 2, D] (leading dims, not viewable as 2D).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":
+        hidden = torch.randn(T, 2 * D, generator=g).to(dtype)[:, ::2]
+    elif layout == "leading":
+        hidden = torch.randn(T // 2, 2, D, generator=g).to(dtype).transpose(0, 1)
+    else:
+        hidden = torch.randn(T, D, generator=g).to(dtype)
+    weight = (torch.randn(V, D, generator=g) * 2 / D ** 0.5).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(0, V, hidden.shape[:-1], generator=g)
+    if ignore_every:
+        targets.view(-1)[::ignore_every] = -100
+    move = (lambda t: None if t is None else t.to(DEVICE))
+    return move(hidden), move(weight), move(b), move(targets)
+
+
+VARIANTS = {  # name: (make_inputs kwargs, softcap)
+    "plain": (dict(), None),
+    "bias_strided": (dict(bias=True, layout="strided"), None),
+    "softcap_bias_leading": (dict(bias=True, layout="leading"), 5.0),
+}
+
+
+# ---------------------------------------------------------------- correctness
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprob_matches_float64(backend, dtype, variant):
+    kwargs, softcap = VARIANTS[variant]
+    hidden, weight, bias, targets = make_inputs(dtype, **kwargs)
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.requires_grad_(True)
+    grad_out = torch.randn(targets.numel(), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    inputs = (hidden, weight, bias)
+
+    got, got_grads = run_with_grads(lambda h, w, b: token_logprob(
+        h, w, targets, bias=b, softcap=softcap, backend=backend), inputs, grad_out)
+    ref, ref_grads = run_with_grads(lambda h, w, b: oracle_token_logprob(
+        h, w, targets, b, softcap), inputs, grad_out)
+    eager, eager_grads = run_with_grads(lambda h, w, b: oracle_token_logprob(
+        h, w, targets, b, softcap, dtype=dtype), inputs, grad_out)
+
+    assert got.dtype == torch.float32 and got.shape == (targets.numel(),)
+    assert torch.all(got[targets.reshape(-1) == -100] == 0)
+    assert_within_budget("logp", got, ref, eager, dtype)
+    for name, g, r, e, leaf in zip(("d_hidden", "d_weight", "d_bias"), got_grads, ref_grads, eager_grads,
+                                   [t for t in inputs if t is not None]):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        assert_within_budget(name, g, r, e, dtype)
+
+
+@pytest.mark.parametrize("wanted", ["hidden", "weight", "bias"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_for_a_subset_of_inputs(backend, wanted):
+    hidden, weight, bias, targets = make_inputs(torch.float32, bias=True)
+    named = {"hidden": hidden, "weight": weight, "bias": bias}
+    named[wanted].requires_grad_(True)
+    grad_out = torch.randn(targets.numel(), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    token_logprob(hidden, weight, targets, bias=bias, backend=backend).backward(grad_out)
+    ref, (ref_grad,) = run_with_grads(lambda h, w, b: oracle_token_logprob(h, w, targets, b),
+                                      (hidden, weight, bias), grad_out)
+    for name, t in named.items():
+        assert (t.grad is not None) == (name == wanted), name
+    assert rel_err(named[wanted].grad, ref_grad) <= FLOOR[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_and_empty_inputs_give_zeros(backend):
+    hidden, weight, bias, targets = make_inputs(torch.float32, T=20, bias=True)
+    targets = torch.full_like(targets, -100)
+    for t in (hidden, weight, bias):
+        t.requires_grad_(True)
+    logp = token_logprob(hidden, weight, targets, bias=bias, backend=backend)
+    sums = segment_logprob(hidden, weight, targets, torch.zeros_like(targets), 3, bias=bias, backend=backend)
+    (logp.sum() + sums.sum()).backward()
+    assert torch.equal(logp, torch.zeros(20, device=DEVICE)) and torch.equal(sums, torch.zeros(3, device=DEVICE))
+    for t in (hidden, weight, bias):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+    empty = token_logprob(hidden[:0], weight, targets[:0], bias=bias, backend=backend)
+    assert empty.shape == (0,)
+    assert segment_logprob(hidden[:0], weight, targets[:0], targets[:0], 2, backend=backend).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segment_logprob_unsorted_empty_and_negative_segments(backend, dtype):
+    hidden, weight, bias, targets = make_inputs(dtype, bias=True, layout="strided", seed=3)
+    num_segments = 7  # segments 1, 4 and 6 stay empty
+    g = torch.Generator().manual_seed(4)
+    choices = torch.tensor([0, 2, 3, 5, -1, -7, 9])  # -1, -7: no segment; 9 >= num_segments: nowhere
+    segment_ids = choices[torch.randint(0, len(choices), (targets.numel(),), generator=g)].to(DEVICE)
+    for t in (hidden, weight, bias):
+        t.requires_grad_(True)
+    grad_out = torch.randn(num_segments, generator=g).to(DEVICE)
+
+    def fused(h, w, b):
+        return segment_logprob(h, w, targets, segment_ids, num_segments, bias=b, backend=backend)
+
+    def reference(dtype_):
+        return lambda h, w, b: oracle_segment_sum(oracle_token_logprob(h, w, targets, b, dtype=dtype_),
+                                                  segment_ids, num_segments)
+
+    got, got_grads = run_with_grads(fused, (hidden, weight, bias), grad_out)
+    ref, ref_grads = run_with_grads(reference(torch.float64), (hidden, weight, bias), grad_out)
+    eager, eager_grads = run_with_grads(reference(dtype), (hidden, weight, bias), grad_out)
+    assert got.dtype == torch.float32 and got.shape == (num_segments,)
+    assert got[[1, 4, 6]].tolist() == [0.0, 0.0, 0.0]
+    assert_within_budget("segment sums", got, ref, eager, dtype)
+    for name, g_, r, e in zip(("d_hidden", "d_weight", "d_bias"), got_grads, ref_grads, eager_grads):
+        assert_within_budget(name, g_, r, e, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitwise_deterministic(backend):
+    hidden, weight, bias, targets = make_inputs(torch.float32, bias=True, seed=5)
+    segment_ids = (torch.arange(targets.numel(), device=DEVICE) * 7) % 5 - 1  # unsorted, some -1
+    grad_out = torch.randn(4, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+
+    def once():
+        return run_with_grads(lambda h, w, b: segment_logprob(h, w, targets, segment_ids, 4, bias=b, softcap=4.0,
+                                                              backend=backend),
+                              (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()), grad_out)
+
+    (out1, grads1), (out2, grads2) = once(), once()
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+
+
+# ---------------------------------------------------------------- registration, compile
+def _tiny(seed=7, T=9, D=20, V=37):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, D, generator=g).to(DEVICE).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) * 0.3).to(DEVICE).requires_grad_()
+    bias = torch.randn(V, generator=g).to(DEVICE).requires_grad_()
+    targets = torch.randint(0, V, (T,), generator=g).to(DEVICE)
+    targets[2] = -100
+    return hidden, weight, bias, targets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    hidden, weight, bias, targets = _tiny()
+    ops = torch.ops.r3v
+    torch.library.opcheck(ops.token_logprob.default, (hidden, weight, targets, bias, -100, 0.0, backend))
+    torch.library.opcheck(ops.token_logprob.default, (hidden, weight, targets, None, -100, 3.0, backend))
+    lse = torch.randn(hidden.shape[0], device=DEVICE)
+    torch.library.opcheck(ops.token_logprob_backward.default,
+                          (torch.randn_like(lse), hidden.detach(), weight.detach(), targets, bias.detach(), lse,
+                           -100, 0.0, backend, True, False, True))
+    values = torch.randn(hidden.shape[0], device=DEVICE, requires_grad=True)
+    segment_ids = torch.tensor([0, 2, -1, 2, 5, 1, 0, 0, 1], device=DEVICE)
+    torch.library.opcheck(ops.segment_sum.default, (values, segment_ids, 4, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """fullgraph tracing through the registered ops (fake kernels + autograd formulas).
+
+    On the CPU the graph runs with the "aot_eager" compiler: the ops are opaque either way,
+    and Inductor's C++ build would cost about a minute here. CUDA tests Inductor below.
+    """
+    hidden, weight, bias, targets = _tiny()
+    segment_ids = torch.tensor([0, 2, -1, 2, 5, 1, 0, 0, 1], device=DEVICE)
+    weights = torch.arange(4.0, device=DEVICE)
+
+    def loss(h, w, b):
+        return (segment_logprob(h, w, targets, segment_ids, 4, bias=b, softcap=2.0, backend=backend) * weights).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    out, grads = run_with_grads(compiled, (hidden, weight, bias), torch.tensor(1.0))
+    ref, ref_grads = run_with_grads(loss, (hidden, weight, bias), torch.tensor(1.0))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- backend choice, bad input
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("R3V_BACKEND", raising=False)
+    assert backends.resolve_backend("auto", cpu) == ("cpp" if backends.cpp_available() else "torch")
+    if backends.triton_available():
+        assert backends.resolve_backend("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setenv("R3V_BACKEND", "torch")
+    assert backends.resolve_backend("auto", cpu) == "torch"
+    monkeypatch.setenv("R3V_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        backends.resolve_backend("auto", cpu)
+    monkeypatch.delenv("R3V_BACKEND")
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        backends.resolve_backend("cpp", torch.device("cuda"))
+    if not backends.cpp_available():
+        with pytest.raises(RuntimeError, match="not built"):
+            backends.resolve_backend("cpp", cpu)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="triton"):
+        backends.resolve_backend("triton", cpu)
+
+
+def test_bad_inputs_raise_clear_errors():
+    hidden, weight, bias, targets = make_inputs(torch.float32, T=8, D=16, V=32)
+    hidden, weight, targets = hidden.cpu(), weight.cpu(), targets.cpu()
+    cases = [
+        (lambda: token_logprob(hidden[:, :15], weight, targets), "hidden last dim 15 != weight dim D=16"),
+        (lambda: token_logprob(hidden, weight, targets.float()), "targets must be an integer tensor"),
+        (lambda: token_logprob(hidden, weight, targets[:5]), "targets shape"),
+        (lambda: token_logprob(hidden, weight, targets, bias=torch.zeros(31)), "bias must be"),
+        (lambda: token_logprob(hidden, weight, targets, softcap=0.0), "softcap must be"),
+        (lambda: token_logprob(hidden, weight, targets, backend="gpu"), "unknown backend 'gpu'"),
+        (lambda: token_logprob(hidden, weight, targets.index_fill(0, torch.tensor([5]), 40)),
+         r"targets\[5\] = 40 is outside the vocabulary \[0, 32\)"),
+        (lambda: segment_logprob(hidden, weight, targets, targets[:4], 2), "segment_ids shape"),
+        (lambda: segment_logprob(hidden, weight, targets, targets, -1), "num_segments must be"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+# ---------------------------------------------------------------- GPU only
+@needs_cuda
+def test_cuda_forward_backward_do_not_sync():
+    hidden, weight, bias, targets = make_inputs(torch.bfloat16, bias=True)
+    segment_ids = torch.arange(targets.numel(), device=DEVICE) % 3
+    for t in (hidden, weight, bias):
+        t.requires_grad_(True)
+    segment_logprob(hidden, weight, targets, segment_ids, 3, bias=bias)  # warm-up: Triton compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = segment_logprob(hidden, weight, targets, segment_ids, 3, bias=bias, backend="triton")
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_cuda_out_of_range_targets_give_nan():
+    hidden, weight, _, targets = make_inputs(torch.float32, T=8, D=16, V=32)
+    targets[3] = 99
+    out = token_logprob(hidden, weight, targets, backend="triton")
+    assert torch.isnan(out[3]) and not torch.isnan(out[torch.arange(8) != 3]).any()
+
+
+@needs_cuda
+def test_cuda_int64_offsets_large_token_times_vocab():
+    """T·V > 2^31: every index into token-by-vocab space must be int64."""
+    from r3v_fast.reference import segment_logprob as reference
+
+    T, D, V = 16_400, 64, 131_073  # T·V = 2.15e9
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, D, device="cuda", generator=g) / 4).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (T,), device="cuda", generator=g)
+    targets[::3] = -100
+    grad_out = torch.randn(T, device="cuda", generator=g)
+    out = token_logprob(hidden, weight, targets, backend="triton")
+    out.backward(grad_out)
+    valid = targets != -100
+    h64, w64 = hidden.detach().double()[valid], weight.detach().double()
+    ref, lse = reference.token_logprob_fwd(h64, w64, None, targets[valid], 0.0)
+    d_h, d_w, _ = reference.token_logprob_bwd(h64, w64, None, targets[valid], lse, grad_out.double()[valid], 0.0,
+                                              True, True, False)
+    assert rel_err(out[valid], ref) <= FLOOR[torch.float32]
+    assert torch.all(out[~valid] == 0)
+    assert rel_err(hidden.grad[valid], d_h) <= FLOOR[torch.bfloat16]
+    assert rel_err(weight.grad, d_w) <= FLOOR[torch.bfloat16]
+
+
+@needs_cuda
+def test_cuda_inductor_fullgraph():
+    hidden, weight, bias, targets = _tiny()
+
+    def loss(h, w, b):
+        return token_logprob(h, w, targets, bias=b, backend="triton").sum()
+
+    out, grads = run_with_grads(torch.compile(loss, fullgraph=True), (hidden, weight, bias), torch.tensor(1.0))
+    ref, ref_grads = run_with_grads(loss, (hidden, weight, bias), torch.tensor(1.0))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
