@@ -1,0 +1,163 @@
+"""Tests for r3v_fast.integrations.apply_fused_loss on tiny random transformers models (CPU, fp32).
+
+Each model is built here from its config (Llama, Qwen2 with tied embeddings, Qwen2-VL and
+Qwen2.5-VL text-only and with an image, LLaVA with an image); the patched copy must give the
+unpatched model's loss and parameter gradients (rel 1e-5), logits=None, and a Trainer must
+step with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+import transformers
+
+from r3v_fast.integrations import apply_fused_loss, causal_lm_loss, remove_fused_loss
+
+VOCAB, WIDTH = 96, 32
+IMAGE, VISION_START, VISION_END = 90, 91, 92  # token ids reserved for the image placeholders
+
+
+def _text(**extra):
+    return dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra)
+
+
+def _qwen_vl_config(config_class, vision):
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2])  # head_dim 8
+    return config_class(text_config=_text(rope_parameters=rope), vision_config=dict(
+        vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2), image_token_id=IMAGE,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, video_token_id=93)
+
+
+def build(kind: str):
+    """(model, extra inputs for one image) for a tiny random model of the given family."""
+    tf = transformers
+    if kind == "llama":
+        config, cls = tf.LlamaConfig(**_text()), tf.LlamaForCausalLM
+    elif kind == "qwen2":
+        config, cls = tf.Qwen2Config(**_text(tie_word_embeddings=True)), tf.Qwen2ForCausalLM
+    elif kind == "qwen2_vl":
+        config = _qwen_vl_config(tf.Qwen2VLConfig, dict(depth=1, embed_dim=16, num_heads=2, mlp_ratio=2,
+                                                        hidden_size=WIDTH))
+        cls = tf.Qwen2VLForConditionalGeneration
+    elif kind == "qwen2_5_vl":
+        config = _qwen_vl_config(tf.Qwen2_5_VLConfig, dict(depth=1, hidden_size=16, num_heads=2,
+                                                           intermediate_size=32, out_hidden_size=WIDTH,
+                                                           window_size=56, fullatt_block_indexes=[0]))
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    elif kind == "llava":
+        vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=28, patch_size=14)
+        config = tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**_text()), image_token_index=IMAGE)
+        cls = tf.LlavaForConditionalGeneration
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    return model
+
+
+def make_batch(kind: str, with_image: bool, seed: int = 0):
+    """input_ids [2, 16] (row 1 left-padded), attention_mask, labels (-100 on prompt and padding)."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, 80, (2, 16), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    labels = input_ids.clone()
+    labels[:, :7] = -100
+    labels[attention_mask == 0] = -100
+    extra = {}
+    if with_image and kind in ("qwen2_vl", "qwen2_5_vl"):
+        # a 56x56 image: 4x4 patches of 14 px, merged 2x2 into 4 image tokens
+        input_ids[:, 3:9] = torch.tensor([VISION_START, IMAGE, IMAGE, IMAGE, IMAGE, VISION_END])
+        extra = dict(pixel_values=torch.randn(2 * 16, 3 * 2 * 14 * 14, generator=g),
+                     image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]))
+        if "mm_token_type_ids" in inspect.signature(transformers.Qwen2VLForConditionalGeneration.forward).parameters:
+            extra["mm_token_type_ids"] = (input_ids == IMAGE).int()  # 1 = image token (newer transformers)
+    elif with_image and kind == "llava":
+        input_ids[:, 3:7] = IMAGE  # a 28x28 image: 2x2 patches, one token each
+        extra = dict(pixel_values=torch.randn(2, 3, 28, 28, generator=g))
+    labels[input_ids >= IMAGE] = -100
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
+
+
+def loss_and_grads(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+CASES = [("llama", False), ("qwen2", False), ("qwen2_vl", False), ("qwen2_vl", True), ("qwen2_5_vl", True),
+         ("llava", True)]
+
+
+@pytest.mark.parametrize("kind,with_image", CASES, ids=[f"{k}{'-image' if i else ''}" for k, i in CASES])
+def test_patched_model_matches_unpatched_loss_and_gradients(kind, with_image):
+    model = build(kind)
+    patched = apply_fused_loss(copy.deepcopy(model), backend="torch")
+    batch = make_batch(kind, with_image)
+    ref, ref_grads = loss_and_grads(model, batch)
+    out, grads = loss_and_grads(patched, batch)
+    assert out.logits is None and "logits" not in out
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_num_items_in_batch_shift_labels_tuple_output_and_no_labels():
+    model = build("llama")
+    patched = apply_fused_loss(copy.deepcopy(model))
+    batch = make_batch("llama", False)
+    n_items = torch.tensor(37)
+    ref = model(**batch, num_items_in_batch=n_items).loss
+    torch.testing.assert_close(patched(**batch, num_items_in_batch=n_items).loss, ref, rtol=1e-5, atol=0)
+    # positional input_ids, tuple output: (loss, past_key_values, ...) with no logits
+    plain = {k: v for k, v in batch.items() if k != "input_ids"}
+    as_tuple = patched(batch["input_ids"], **plain, return_dict=False, use_cache=False)
+    torch.testing.assert_close(as_tuple[0], model(**batch).loss, rtol=1e-5, atol=0)
+    assert len(as_tuple) == 1
+    # explicit shift_labels, no labels
+    shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    torch.testing.assert_close(patched(**unlabelled, shift_labels=shifted).loss, model(**batch).loss,
+                               rtol=1e-5, atol=0)
+    # without labels the original forward runs: real logits
+    torch.testing.assert_close(patched(**unlabelled).logits, model(**unlabelled).logits)
+    assert remove_fused_loss(patched).forward.__func__ is type(patched).forward
+
+
+def test_causal_lm_loss_is_nan_without_targets_like_cross_entropy():
+    hidden, weight = torch.randn(1, 4, 8), torch.randn(10, 8)
+    assert torch.isnan(causal_lm_loss(hidden, weight, torch.full((1, 4), -100)))
+
+
+def test_refuses_models_it_cannot_patch():
+    model = build("llama")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        apply_fused_loss(model)
+    model.config.final_logit_softcapping = None
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    with pytest.raises(ValueError, match="not a plain nn.Linear"):
+        apply_fused_loss(model)
+
+
+def test_trainer_steps_with_patched_model(tmp_path):
+    model = apply_fused_loss(build("llama"))
+    model.train()
+    examples = [{k: v[i] for k, v in make_batch("llama", False, seed=s).items()} for s in range(2) for i in range(2)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                          learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                                          logging_steps=1, disable_tqdm=True)
+    before = model.lm_head.weight.detach().clone()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples)
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, model.lm_head.weight)
