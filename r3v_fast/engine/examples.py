@@ -153,10 +153,11 @@ def tokenize_examples(processor, examples: Sequence[Example], *, max_length: int
         who = f"question {ex.question_id or ex.group!r} ({ex.task} example {index})"
         if ex.task not in TASKS:
             raise ValueError(f"{who}: unknown task {ex.task!r} (expected one of {TASKS})")
-        if ex.image:
-            encoded = processor(text=[ex.prompt], images=[_load_image(ex.image, ex)], return_tensors="pt")
-        else:
-            encoded = processor(text=[ex.prompt], return_tensors="pt")
+        images = [_load_image(ex.image, ex)] if ex.image else None
+        try:
+            encoded = processor(text=[ex.prompt], images=images, return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as err:   # e.g. no image placeholder
+            raise ValueError(f"{who}: the processor rejects prompt + image {ex.image!r}: {err}") from err
         prompt_ids = encoded["input_ids"][0]                                     # [P]
         target_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
         input_ids = torch.cat([prompt_ids, torch.tensor(target_ids + [eot], dtype=torch.long)])  # [L]
@@ -164,8 +165,9 @@ def tokenize_examples(processor, examples: Sequence[Example], *, max_length: int
             dropped["too long"] += 1
             continue
         spans = _image_spans(prompt_ids, image_token)
-        if ex.image and not spans:
-            raise ValueError(f"{who}: the prompt has no image placeholder but an image was given")
+        if bool(ex.image) != bool(spans):
+            raise ValueError(f"{who}: the prompt has {len(spans)} image placeholder(s) but "
+                             f"{'an image' if ex.image else 'no image'} was given")
         image_inputs: dict[str, torch.Tensor] = {}
         if ex.image:
             image_inputs = shared_images.setdefault(ex.image, {
