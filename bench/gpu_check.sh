@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the fused segment log-likelihood, for a session that has a CUDA machine:
+#   bash bench/gpu_check.sh            (from the repository root or anywhere)
+# 1. installs, without network: the peers' wheels found in .whl/ (liger-kernel,
+#    cut-cross-entropy; .whl/ is git-ignored, so carry it to the machine), then this package
+#    (editable, no build isolation; the C++ extension is optional);
+# 2. runs the op's tests on the GPU (every test of tests/ops/test_segment_logprob.py runs on
+#    CUDA tensors there: fp32/fp16/bf16, int64 offsets, no-sync check, Inductor);
+# 3. runs the GPU benchmark (+ the tile-config sweep unless R3V_BENCH_SWEEP=0).
+# Writes bench/results/<device>.json, bench/results/gpu_tests.xml, bench/results/gpu_check.log.
+# Exit status: non-zero if the install, a test or a benchmark failed (the later steps still run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p bench/results
+LOG=bench/results/gpu_check.log
+exec > >(tee "$LOG") 2>&1
+status=0
+
+python - <<'EOF' || { echo "gpu_check: no CUDA device visible to torch"; exit 1; }
+import torch, triton
+assert torch.cuda.is_available()
+print("gpu_check:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
+EOF
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
+
+echo "== install (offline)"
+shopt -s nullglob
+wheels=(.whl/*.whl)
+if ((${#wheels[@]})); then
+    pip install --no-index --no-deps --quiet "${wheels[@]}" || echo "gpu_check: peer wheels did not install"
+else
+    echo "gpu_check: no .whl/ wheels: liger / cut-cross-entropy will be skipped"
+fi
+if ! pip install --no-index --no-deps --no-build-isolation --quiet -e .; then
+    echo "gpu_check: editable install with the C++ extension failed; retrying without it"
+    R3V_NO_CPP=1 pip install --no-index --no-deps --no-build-isolation --quiet -e . || true
+fi
+if ! python -c "import r3v_fast.kernels.segment_logprob" 2>/dev/null; then
+    # Last resort on this throw-away copy: make kernels/ importable as r3v_fast.kernels.
+    echo "gpu_check: package not installed; linking r3v_fast/kernels -> kernels"
+    ln -sfn ../kernels r3v_fast/kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python -c "import r3v_fast.ops, r3v_fast.kernels.segment_logprob" || exit 1
+
+echo "== GPU tests"
+python -m pytest tests/ops/test_segment_logprob.py tests/reference/test_segment_logprob.py -q -rs \
+    -p no:cacheprovider --junitxml=bench/results/gpu_tests.xml || status=1
+
+echo "== GPU benchmark"
+export R3V_BENCH_SWEEP="${R3V_BENCH_SWEEP:-1}"
+python -m pytest bench/bench_segment_logprob_gpu.py -q -s -rs -p no:cacheprovider \
+    --benchmark-json=bench/results/gpu_pytest_benchmark.json || status=1
+
+echo "== done (status $status); results:"
+ls -l bench/results
+exit $status
