@@ -209,10 +209,19 @@ def _auto_num_splits(device: torch.device, programs: int, max_keys: int) -> int:
     return max(1, min(triton.cdiv(2 * sms, programs), max_keys // 256, 32))
 
 
-def _block_m(rows: int) -> int:
-    # tl.dot needs M >= 16; beyond 64 rows a second row block re-reads the prefix, which costs
-    # less than the register pressure of a 128-row accumulator.
-    return min(max(triton.next_power_of_2(rows), 16), 64)
+def _launch_config(rows: int, head_dim: int, upcast: bool) -> dict:
+    """Block sizes and warps. tl.dot needs every dim >= 16. Past 64 query rows a second row block
+    re-reads the prefix, which costs less than a 128-row accumulator's register spills. fp32
+    (IEEE dots without tensor cores) needs small key blocks. These choices compile without
+    register spills on sm_90 for Dh <= 256 (checked with ptxas -v)."""
+    block_m = min(max(triton.next_power_of_2(rows), 16), 64)
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    if _interpreting():
+        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    if not upcast:  # fp16 / bf16 on tensor cores
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=min(block_m, 32) if block_d >= 256 else block_m, BLOCK_N=16,
+                BLOCK_D=block_d, num_warps=8 if block_d >= 128 else 4, num_stages=2)
 
 
 def cascade_decode_fwd(q, prefix_k=None, prefix_v=None, prefix_lens=None,
@@ -237,12 +246,13 @@ def cascade_decode_fwd(q, prefix_k=None, prefix_v=None, prefix_lens=None,
     out_dtype = q.dtype if out_dtype is None else out_dtype
     device = q.device
 
-    block_m = _block_m(num_branches * group)
-    m_blocks = triton.cdiv(num_branches * group, block_m)
+    upcast = _interpreting() or q.dtype == torch.float32
+    config = _launch_config(num_branches * group, head_dim, upcast)
+    m_blocks = triton.cdiv(num_branches * group, config["BLOCK_M"])
     if num_splits is None:
         num_splits = _auto_num_splits(device, num_q * num_kv_heads * m_blocks,
                                       max(prefix_max, suffix_max))
-    block_n = 32 if _interpreting() else 64
+    block_n = config["BLOCK_N"]
     # Each split covers a whole number of key blocks.
     prefix_chunk = triton.cdiv(triton.cdiv(max(prefix_max, 1), num_splits), block_n) * block_n
     suffix_chunk = triton.cdiv(triton.cdiv(max(suffix_max, 1), num_splits), block_n) * block_n
@@ -250,6 +260,8 @@ def cascade_decode_fwd(q, prefix_k=None, prefix_v=None, prefix_lens=None,
     out = torch.empty(num_q, num_branches, num_heads, head_dim, device=device, dtype=out_dtype)
     lse = (torch.empty(num_q, num_branches, num_heads, device=device, dtype=torch.float32)
            if return_lse else None)
+    if out.numel() == 0:
+        return out, lse
     if num_splits == 1:
         o_dst, lse_dst, o_split_stride, lse_split_stride = out, lse, 0, 0
     else:
@@ -272,8 +284,6 @@ def cascade_decode_fwd(q, prefix_k=None, prefix_v=None, prefix_lens=None,
     prefix_index_i = (prefix_index.to(torch.int32).contiguous()
                       if prefix_index is not None else dummy)
 
-    interpreting = _interpreting()
-    upcast = interpreting or q.dtype == torch.float32
     grid = (num_q * num_kv_heads, m_blocks, num_splits)
     _cascade_decode_fwd_kernel[grid](
         q, pk, pv, prefix_index_i, prefix_lens_i, sk, sv, suffix_lens_i, o_dst,
@@ -285,8 +295,7 @@ def cascade_decode_fwd(q, prefix_k=None, prefix_v=None, prefix_lens=None,
         GROUP=group, HAS_PREFIX=has_prefix, HAS_SUFFIX=has_suffix,
         HAS_PREFIX_INDEX=prefix_index is not None, WRITE_LSE=lse_dst is not None,
         UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
-        num_warps=4, num_stages=2,
+        **config,
     )
     if num_splits > 1:
         merge_attention_states_fwd(o_dst.view(num_splits, -1, head_dim),

@@ -304,3 +304,15 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="pass prefix_index"):
         ops.cascade_decode_attention(q[:1], prefix_k, prefix_v, prefix_lens[:1], suffix_k[:1],
                                      suffix_v[:1], suffix_lens[:1], backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    # No questions left in the batch (every branch finished): an empty result, no launch error.
+    q = torch.zeros(0, 3, 4, 16, device=DEVICE)
+    prefix = torch.zeros(0, 2, 5, 16, device=DEVICE)
+    suffix = torch.zeros(0, 3, 2, 4, 16, device=DEVICE)
+    lens_p = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    lens_s = torch.zeros(0, 3, dtype=torch.int32, device=DEVICE)
+    out = ops.cascade_decode_attention(q, prefix, prefix, lens_p, suffix, suffix, lens_s, backend=backend)
+    assert out.shape == (0, 3, 4, 16)
