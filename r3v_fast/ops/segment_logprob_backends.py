@@ -92,11 +92,24 @@ def _valid(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
     return (targets != ignore_index) & (targets >= 0) & (targets < vocab)
 
 
-def _host_rows(valid: Tensor) -> Tensor:
-    """Rows the cpp/torch backends compute: the valid ones on CPU, all of them elsewhere."""
+def _host_rows(valid: Tensor) -> Tensor | None:
+    """Rows the cpp/torch backends compute: the valid ones on CPU (None when that is every
+    row: no gather, no scatter), every row (masked) elsewhere."""
     if valid.device.type == "cpu":
-        return valid.nonzero()[:, 0]
-    return torch.arange(valid.shape[0], device=valid.device)
+        rows = valid.nonzero()[:, 0]
+        return None if rows.numel() == valid.numel() else rows
+    return None
+
+
+def _take(t: Tensor, rows: Tensor | None) -> Tensor:
+    return t if rows is None else t[rows]
+
+
+def _put(rows: Tensor | None, values: Tensor, n: int) -> Tensor:
+    """values [rows] scattered into zeros [n, ...] (identity when rows is every row)."""
+    if rows is None:
+        return values
+    return values.new_zeros((n, *values.shape[1:])).index_copy_(0, rows, values)
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
@@ -112,13 +125,13 @@ def token_logprob_forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         logp, lse = _kernels().token_logprob_fwd(hidden, weight, bias, targets, valid, softcap)
     else:
         rows = _host_rows(valid)
-        keep = valid[rows]
+        keep = _take(valid, rows)  # all True on the CPU
         logp_rows, lse_rows = _host_impl(backend).token_logprob_fwd(
-            _f32(hidden[rows]), _f32(weight), _f32(bias), torch.where(keep, targets[rows], 0).contiguous(),
-            float(softcap))
-        logp = hidden.new_zeros(hidden.shape[0], dtype=torch.float32).index_copy_(
-            0, rows, torch.where(keep, logp_rows, 0.0))
-        lse = torch.zeros_like(logp).index_copy_(0, rows, torch.where(keep, lse_rows, 0.0))
+            _f32(_take(hidden, rows)), _f32(weight), _f32(bias),
+            torch.where(keep, _take(targets, rows), 0).contiguous(), float(softcap))
+        n = hidden.shape[0]
+        logp = _put(rows, torch.where(keep, logp_rows, 0.0), n)
+        lse = _put(rows, torch.where(keep, lse_rows, 0.0), n)
     out_of_range = (targets != ignore_index) & ~valid
     return torch.where(out_of_range, float("nan"), logp), lse
 
@@ -132,16 +145,14 @@ def token_logprob_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, ta
         return _kernels().token_logprob_bwd(hidden, weight, bias, targets, valid, lse, grad_logp, softcap,
                                             need_hidden, need_weight, need_bias)
     rows = _host_rows(valid)
-    keep = valid[rows]
+    keep = _take(valid, rows)
     # Rows outside the compaction (CUDA torch path) get a zero upstream gradient: no effect.
-    grad_rows = torch.where(keep, grad_logp.to(torch.float32)[rows], 0.0).contiguous()
+    grad_rows = torch.where(keep, _take(grad_logp.to(torch.float32), rows), 0.0).contiguous()
     d_rows, d_weight, d_bias = _host_impl(backend).token_logprob_bwd(
-        _f32(hidden[rows]), _f32(weight), _f32(bias), torch.where(keep, targets[rows], 0).contiguous(),
-        lse[rows].contiguous(), grad_rows, float(softcap), need_hidden, need_weight,
+        _f32(_take(hidden, rows)), _f32(weight), _f32(bias), torch.where(keep, _take(targets, rows), 0).contiguous(),
+        _take(lse, rows).contiguous(), grad_rows, float(softcap), need_hidden, need_weight,
         need_bias and bias is not None)
-    d_hidden = None
-    if need_hidden:
-        d_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, d_rows.to(hidden.dtype))
+    d_hidden = _put(rows, d_rows.to(hidden.dtype), hidden.shape[0]) if need_hidden else None
     return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
             None if d_bias is None else d_bias.to(bias.dtype))
 
