@@ -227,6 +227,7 @@ def test_tile_config_sweep():
         "default": base,
         "fwd_v256": dataclasses.replace(base, block_v=256),
         "fwd_t64_v256": dataclasses.replace(base, block_t=64, block_v=256),
+        "fwd_t256": dataclasses.replace(base, block_t=256),
         "stages4": dataclasses.replace(base, num_stages=4),
         "gemm_n256": dataclasses.replace(base, dw_block=(128, 256, 64), dh_block=(128, 256, 64)),
         "chunk_32mb": dataclasses.replace(base, chunk_bytes=32 << 20),

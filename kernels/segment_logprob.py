@@ -318,9 +318,10 @@ def _segment_sum_kernel(values_ptr, bounds_ptr, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + seg, tl.sum(acc, axis=0))
 
 
-def _kernel_args(hidden, weight, bias, softcap, dtype):
-    return dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, COMPUTE=_TL_DTYPES[dtype],
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+def _dot_args(dtype: torch.dtype, cfg: KernelConfig) -> dict:
+    # fp32 inputs: exact fp32 products ("ieee"), never TF32's 10-bit mantissa.
+    return dict(COMPUTE=_TL_DTYPES[dtype], PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -338,6 +339,8 @@ def token_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """
     n, d = hidden.shape
     v = weight.shape[0]
+    targets = targets.contiguous()  # hidden and weight go in with their strides; these need unit stride
+    bias = None if bias is None else bias.contiguous()
     dtype = compute_dtype(hidden, weight)
     cfg = config or default_config(dtype)
     rows, n_valid = compact(valid)
@@ -351,8 +354,8 @@ def token_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         _token_logprob_fwd_kernel[(t_blocks * n_splits,)](
             hidden, weight, bias if bias is not None else weight, targets, rows, n_valid, part,
             n, v, d, blocks_per_split, n_splits, *hidden.stride(), *weight.stride(), float(softcap),
-            **_kernel_args(hidden, weight, bias, softcap, dtype), BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v,
-            BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v,
+            BLOCK_D=cfg.block_d, **_dot_args(dtype, cfg))
     m, s, z_target = part.unbind(0)  # each [n_splits, N]
     lse_c = torch.logsumexp(m + torch.log(s), dim=0)  # [N], fixed-order merge of the splits
     logp_c = z_target.sum(0) - lse_c  # only one split holds the target logit; the others add 0
@@ -375,11 +378,17 @@ def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
     d_bias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if need_bias else None
-    if not (need_hidden or need_weight or need_bias):
+    if n == 0:  # no token: dH is empty, dW and dB are zero
+        for grad in (d_weight, d_bias):
+            if grad is not None:
+                grad.zero_()
+    if n == 0 or not (need_hidden or need_weight or need_bias):
         return d_hidden, d_weight, d_bias
     dtype = compute_dtype(hidden, weight)
     cfg = config or default_config(dtype)
     rows, n_valid = compact(valid)
+    targets, lse = targets.contiguous(), lse.contiguous()
+    bias = None if bias is None else bias.contiguous()
     grad_logp = grad_logp.to(torch.float32).contiguous()
     # Vocab chunk: a multiple of every vocab tile, G [N, chunk] within the byte budget.
     unit = max(cfg.block_v, cfg.dw_block[0], cfg.dh_block[2])
@@ -389,15 +398,8 @@ def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     g_buf = torch.empty((n, chunk), dtype=dtype, device=hidden.device)  # [N, chunk]
     # fp32 partial dH across chunks (compacted order); one chunk needs none.
     dh_acc = torch.empty((n, d), dtype=torch.float32, device=hidden.device) if need_hidden and n_chunks > 1 else g_buf
-    common = dict(COMPUTE=_TL_DTYPES[dtype], PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = _dot_args(dtype, cfg)
     t_blocks = triton.cdiv(n, cfg.block_t)
-    if n == 0:
-        if need_weight:
-            d_weight.zero_()
-        if need_bias:
-            d_bias.zero_()
-        return d_hidden, d_weight, d_bias
     for index, v_start in enumerate(range(0, v, chunk)):
         chunk_len = min(chunk, v - v_start)
         _token_logprob_bwd_kernel[(t_blocks * triton.cdiv(chunk_len, cfg.block_v),)](

@@ -92,6 +92,9 @@ def make_inputs(dtype, *, T=47, D=123, V=507, bias=False, layout="contiguous", i
     weight = (torch.randn(V, D, generator=g) * 2 / D ** 0.5).to(dtype)
     b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
     targets = torch.randint(0, V, hidden.shape[:-1], generator=g)
+    if layout == "strided":  # bias and targets with stride 2 as well
+        b = None if b is None else torch.stack([b, -b], 1)[:, 0]
+        targets = torch.stack([targets, -targets], 1)[:, 0]
     if ignore_every:
         targets.view(-1)[::ignore_every] = -100
     move = (lambda t: None if t is None else t.to(DEVICE))
