@@ -46,16 +46,25 @@ def _length_mask(lens: Tensor, max_len: int) -> Tensor:
 
 
 def _masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float):
-    """q [..., M, Dh], k/v [..., N, Dh], valid [..., 1, N] -> o [..., M, Dh], lse [..., M]."""
-    # Padding may hold anything (an unwritten cache slot can be nan): mask values as well as
-    # scores, since 0 * nan = nan.
-    v = v.masked_fill(~valid.transpose(-1, -2), 0.0)               # [..., N, Dh]
-    scores = (q @ k.transpose(-1, -2)) * scale                      # [..., M, N]
-    scores = scores.masked_fill(~valid, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)                           # [..., M]; -inf if no key
-    # An empty key set has lse = -inf; subtracting a finite stand-in keeps exp() at 0, not nan.
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
-    return probs @ v, lse
+    """q [..., M, Dh], k/v [..., N, Dh], valid [..., 1, N] (broadcast over the batch dims)
+    -> o [..., M, Dh], lse [..., M]. A row without valid keys gets o = 0, lse = -inf."""
+    batch, (m_rows, head_dim), n_keys = q.shape[:-2], q.shape[-2:], k.shape[-2]
+    # Fold batch dims into views for bmm: bmm reads k transposed by strides, where a
+    # many-dim matmul would copy it.
+    q3 = (q * scale).reshape(-1, m_rows, head_dim)                  # [B, M, Dh] (q is small)
+    k3, v3 = k.reshape(-1, n_keys, head_dim), v.reshape(-1, n_keys, head_dim)
+    valid3 = valid.expand(*batch, 1, n_keys).reshape(-1, 1, n_keys)  # [B, 1, N]
+    # Padding may hold anything (an unwritten cache slot can be nan): mask the values as well
+    # as the scores, since 0 * nan = nan.
+    v3 = torch.where(valid3.transpose(1, 2), v3, 0.0)               # one pass (masked_fill clones first)
+    scores = torch.bmm(q3, k3.transpose(1, 2)).masked_fill_(~valid3, float("-inf"))  # [B, M, N]
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)        # no key: finite stand-in
+    probs = scores.sub_(row_max).exp_()                             # in place: [B, M, N]
+    row_sum = probs.sum(-1, keepdim=True)                           # [B, M, 1]; 0 if no key
+    o = torch.bmm(probs, v3) / torch.where(row_sum > 0, row_sum, 1.0)
+    lse = (row_max + row_sum.log()).squeeze(-1)                     # log 0 = -inf if no key
+    return o.view(*batch, m_rows, head_dim), lse.view(*batch, m_rows)
 
 
 def prefix_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor, *,
