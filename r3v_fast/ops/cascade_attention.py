@@ -126,9 +126,11 @@ def cascade_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, pref
 
     scale defaults to 1/sqrt(Dh). num_splits (triton only) splits the key length over that
     many programs plus a merge pass; None picks it from the shapes (more splits when
-    Q * Hkv programs underfill the GPU). Returns o, or (o, lse) if return_lse.
+    Q * Hkv programs underfill the GPU); the torch backend ignores it. Returns o, or
+    (o, lse) if return_lse.
     """
     _validate(q, (prefix_k, prefix_v, prefix_lens), (suffix_k, suffix_v, suffix_lens), prefix_index)
+    _check(num_splits is None or num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
     if _resolve_backend(backend, q.device) == "torch":
         return _reference.cascade_decode_attention(
             q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
@@ -145,6 +147,7 @@ def prefix_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_lens:
                      num_splits: int | None = None, backend: str = "auto"):
     """Partial state over the shared prefix only: (o [Q, K, H, Dh] float32, lse [Q, K, H] float32)."""
     _validate(q, prefix=(prefix_k, prefix_v, prefix_lens), prefix_index=prefix_index)
+    _check(num_splits is None or num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
     if _resolve_backend(backend, q.device) == "torch":
         o, lse = _reference.prefix_attention(q, prefix_k, prefix_v, prefix_lens, scale=scale,
                                              prefix_index=prefix_index)
@@ -160,6 +163,7 @@ def suffix_attention(q: Tensor, suffix_k: Tensor, suffix_v: Tensor, suffix_lens:
                      backend: str = "auto"):
     """Partial state over each branch's own suffix: (o float32, lse float32); empty -> (0, -inf)."""
     _validate(q, suffix=(suffix_k, suffix_v, suffix_lens))
+    _check(num_splits is None or num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
     if _resolve_backend(backend, q.device) == "torch":
         o, lse = _reference.suffix_attention(q, suffix_k, suffix_v, suffix_lens, scale=scale)
         return o.float(), lse.float()

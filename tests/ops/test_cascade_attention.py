@@ -301,6 +301,9 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="prefix_k dtype"):
         ops.cascade_decode_attention(q, prefix_k.double(), prefix_v, prefix_lens, suffix_k,
                                      suffix_v, suffix_lens, backend="torch")
+    with pytest.raises(ValueError, match="num_splits must be"):
+        ops.cascade_decode_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
+                                     suffix_lens, num_splits=0, backend="torch")
     with pytest.raises(ValueError, match="pass prefix_index"):
         ops.cascade_decode_attention(q[:1], prefix_k, prefix_v, prefix_lens[:1], suffix_k[:1],
                                      suffix_v[:1], suffix_lens[:1], backend="torch")
