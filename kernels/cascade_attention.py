@@ -39,7 +39,6 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -152,6 +151,7 @@ def _cascade_decode_fwd_kernel(
               + head[:, None] * stride_oh + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
     if WRITE_LSE:
+        # Natural-log LSE out: (base-2 max + log2 sum) * ln 2.
         lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         lse_ptrs = (lse_ptr + split * stride_ls + question * stride_lq + branch * stride_lb
                     + head * stride_lh)
