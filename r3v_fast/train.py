@@ -73,6 +73,24 @@ def load_run_data(cfg: RunConfig):
     return RunData(train=train, test=test, warmup=warmup if cfg.include_warmup else [])
 
 
+def saved_config(cfg: RunConfig) -> RunConfig:
+    """``--resume``: the configuration saved in the run directory (the latest run under runs/
+    when no ``--run-dir`` is given); only the progress-bar switch is taken from the command."""
+    from r3v_fast.engine.loop import UsageError
+
+    if cfg.run_dir is None:
+        runs = sorted(p for p in Path("runs").glob("*") if (p / "config.json").exists())
+        if not runs:
+            raise UsageError("--resume: no run under ./runs; pass --run-dir")
+        run_dir = runs[-1]
+    else:
+        run_dir = Path(cfg.run_dir)
+    if not (run_dir / "config.json").exists():
+        raise UsageError(f"--resume: {run_dir} holds no config.json")
+    saved = from_json((run_dir / "config.json").read_text())
+    return RunConfig(**{**saved.__dict__, "run_dir": str(run_dir), "resume": True, "progress": cfg.progress})
+
+
 def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
     """New run: create the directory and write config.json. ``--resume``: reuse the saved
     configuration (the latest run under runs/ when no ``--run-dir`` is given)."""
@@ -80,17 +98,8 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
     from r3v_fast.engine.pool import atomic_write_text
 
     if cfg.resume:
-        if cfg.run_dir is None:
-            runs = sorted(p for p in Path("runs").glob("*") if (p / "config.json").exists())
-            if not runs:
-                raise UsageError("--resume: no run under ./runs; pass --run-dir")
-            run_dir = runs[-1]
-        else:
-            run_dir = Path(cfg.run_dir)
-        if not (run_dir / "config.json").exists():
-            raise UsageError(f"--resume: {run_dir} holds no config.json")
-        saved = from_json((run_dir / "config.json").read_text())
-        return RunConfig(**{**saved.__dict__, "resume": True, "progress": cfg.progress}), run_dir
+        cfg = saved_config(cfg)
+        return cfg, Path(cfg.run_dir)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if (run_dir / "progress.json").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, "
@@ -129,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = resolve(args)
+        if cfg.resume:
+            cfg = saved_config(cfg)
         validate(cfg)
         model_dir = Path(cfg.model) if cfg.model else embedded_model_dir()
         check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)

@@ -1,0 +1,117 @@
+"""`python -m r3v_fast.train` end to end on a tiny random Qwen2-VL: a 1-iteration smoke run,
+resume after an interruption, bad input (exit code 2), and a 2-process run under
+`accelerate launch` (gloo, CPU) with sampling sharded by question."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r3v_fast import train
+from r3v_fast.engine.pool import Pool
+from r3v_fast.model.loading import load_vlm
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    from r3v_fast.data.shapes import generate
+
+    out = tmp_path_factory.mktemp("shapes")
+    generate(out, n_train=12, n_test=6, seed=0, n_warmup=6)
+    return out
+
+
+def smoke_args(model_dir, data_dir, run_dir, *extra):
+    return ["--preset", "smoke", "--model", str(model_dir), "--data", str(data_dir / "train.jsonl"),
+            "--test-data", str(data_dir / "test.jsonl"), "--warmup-data", str(data_dir / "warmup.jsonl"),
+            "--run-dir", str(run_dir), "--max-new-tokens", "12", "--eval-max-new-tokens", "12",
+            "--chunk-size", "4", "--progress", "false", *extra]
+
+
+def phases(run_dir):
+    return [(m["iteration"], m["phase"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_smoke_run(tiny_qwen2vl_dir, shapes_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir)) == 0
+    assert phases(run_dir) == [(0, "eval"), (1, "bootstrap"), (1, "train"), (1, "eval")]
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("pass@1", "maj@3", "oracle@3", "select@3"):
+        assert 0.0 <= last[key] <= 100.0
+    samples = Pool(run_dir / "pool").samples()
+    assert len(samples) == 12 * 3                                   # K = 3 per question
+    assert (run_dir / "accuracy.png").stat().st_size > 0
+    assert json.loads((run_dir / "config.json").read_text())["iterations"] == 1
+    model, _ = load_vlm(run_dir / "checkpoints" / "iter_001")      # generic HF path
+    assert model is not None
+    out = capsys.readouterr().out
+    assert "| iter | pass@1 |" in out
+
+
+def test_resume_after_interrupt(tiny_qwen2vl_dir, shapes_dir, tmp_path, monkeypatch):
+    from r3v_fast.engine import sampler as sampler_module
+
+    run_dir = tmp_path / "run"
+    real = sampler_module.HFSampler.sample
+    calls = {"n": 0}
+
+    def flaky(self, requests, params, *, desc=None):
+        if desc and "bootstrap" in desc:
+            calls["n"] += 1
+            if calls["n"] == 2:                       # die while sampling the second chunk
+                raise KeyboardInterrupt
+        return real(self, requests, params, desc=desc)
+
+    monkeypatch.setattr(sampler_module.HFSampler, "sample", flaky)
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false")) == 130
+    pool = Pool(run_dir / "pool")
+    assert pool.has_shard(1, 0) and not pool.has_shard(1, 1)   # the finished chunk is kept
+    first_shard = pool.shard_path(1, 0).read_text()
+
+    calls["n"] = 10                                            # no more failures
+    assert train.main(["--resume", "--run-dir", str(run_dir), "--progress", "false"]) == 0
+    assert pool.shard_path(1, 0).read_text() == first_shard   # not resampled
+    ids = [s.question_id for s in pool.samples()]
+    assert len(ids) == 36 and all(ids.count(q) == 3 for q in set(ids))
+    assert phases(run_dir) == [(1, "bootstrap"), (1, "train"), (1, "eval")]
+
+
+def test_bad_inputs_exit_2(tiny_qwen2vl_dir, shapes_dir, tmp_path, capsys):
+    no_processor = tmp_path / "model"
+    no_processor.mkdir()
+    (no_processor / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    assert train.main(smoke_args(no_processor, shapes_dir, tmp_path / "r1")) == 2
+    assert "error:" in capsys.readouterr().err
+
+    empty = tmp_path / "bad.jsonl"
+    empty.write_text('{"id": "x", "image": "nope.png", "question": "", "answer": "1", "dataset": "shapes-math"}\n')
+    args = smoke_args(tiny_qwen2vl_dir, shapes_dir, tmp_path / "r2", "--data-format", "jsonl")
+    args[args.index("--data") + 1] = str(empty)
+    assert train.main(args) == 2
+    assert "zero usable records" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()                    # nothing started
+
+
+def test_two_processes_under_accelerate(tiny_qwen2vl_dir, shapes_dir, tmp_path):
+    pytest.importorskip("accelerate")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "r3v_fast.train", *smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pool = Pool(run_dir / "pool")
+    ids = [s.question_id for s in pool.samples()]
+    assert len(ids) == 36 and all(ids.count(q) == 3 for q in set(ids))      # each question once per sample
+    shards = sorted(p.name for p in (run_dir / "pool" / "iter_001").glob("*.jsonl"))
+    assert shards == [f"chunk_{i:05d}.jsonl" for i in range(3)]
+    checkpoints = list((run_dir / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["iter_001"]                    # written once, by the main process
+    assert phases(run_dir) == [(1, "bootstrap"), (1, "train"), (1, "eval")]
+    boot = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert sorted(boot["chunks_per_rank"]) == [1, 2]                       # both ranks sampled
