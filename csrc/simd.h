@@ -135,7 +135,7 @@ inline void micro_kernel(long K, const float* A, long rsa, long csa, const float
     __m512 b[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j)
-      b[j] = j == NV - 1 ? _mm512_maskz_loadu_ps(m_last, B + 16 * j) : _mm512_loadu_ps(B + 16 * j);
+      b[j] = (j == NV - 1 && n_last < kLanes) ? _mm512_maskz_loadu_ps(m_last, B + 16 * j) : _mm512_loadu_ps(B + 16 * j);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 a = _mm512_set1_ps(A[i * rsa]);

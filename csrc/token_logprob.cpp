@@ -60,17 +60,26 @@ const Kernel kKernels[MR][NV] = {R3V_ROW(1), R3V_ROW(2), R3V_ROW(3), R3V_ROW(4),
 #undef R3V_ROW
 static_assert(MR == 6 && NV == 4, "kKernels lists every (rows, vectors) tail case");
 
-// C[M, N] (+)= A[M, K] B[K, N] with A(i,k) = A[i*rsa + k*csa], B row-major (ldb), C (ldc).
-// Column slivers outer so one K x 64 sliver of B is reused by all row slivers of A.
-void gemm(long M, long N, long K, const float* A, long rsa, long csa, const float* B, long ldb,
+// C[M, N] (+)= A[M, K] B[K, N] with A(i,k) = A[i*rsa + k*csa] and C(i,j) = C[i*ldc + j].
+// B comes in column panels of NR: B(k, n) = B[(n / NR) * ldp + k * ldb + n % NR]; row-major
+// B is ldp = NR, a packed [N/NR][K][NR] panel array is ldb = NR, ldp = K * NR. Column
+// panels outer, so one K x NR sliver of B is reused by all row slivers of A.
+void gemm(long M, long N, long K, const float* A, long rsa, long csa, const float* B, long ldb, long ldp,
           float* C, long ldc, bool accumulate) {
-  for (long n0 = 0; n0 < N; n0 += NR) {
+  for (long n0 = 0; n0 < N; n0 += NR, B += ldp) {
     const int width = int(std::min<long>(NR, N - n0));
     const int nv = (width + kLanes - 1) / kLanes;
     const int n_last = width - kLanes * (nv - 1);
     for (long i0 = 0; i0 < M; i0 += MR) {
       const int mr = int(std::min<long>(MR, M - i0));
-      kKernels[mr - 1][nv - 1](K, A + i0 * rsa, rsa, csa, B + n0, ldb, C + i0 * ldc + n0, ldc, n_last, accumulate);
+      if (accumulate) {  // prefetch the next tile's C rows (4 KiB apart: the hardware misses them)
+        const bool wrap = i0 + MR >= M;
+        const long r0 = wrap ? 0 : i0 + MR, c0 = wrap ? n0 + NR : n0;
+        if (c0 < N)
+          for (long r = r0; r < std::min(M, r0 + MR); ++r)
+            for (long l = c0; l < std::min(N, c0 + NR); l += kLanes) __builtin_prefetch(C + r * ldc + l, 1, 3);
+      }
+      kKernels[mr - 1][nv - 1](K, A + i0 * rsa, rsa, csa, B, ldb, C + i0 * ldc + n0, ldc, n_last, accumulate);
     }
   }
 }
@@ -98,10 +107,25 @@ Buffer pack_hidden(const TokenLogprobProblem& p, int threads) {
   return hp;
 }
 
+// dst[q][r][j] = src[r][q*NR + j] (zero past column D): rows of src cut into NR-wide column
+// panels, each panel contiguous. The B operand of GEMM2 (H) and GEMM3 (a block of W): rows
+// of a [*, D] matrix sit 4 KiB apart for D = 1024, which would map a K x NR sliver onto a
+// few L1 sets and defeat the prefetcher; packed, the sliver is one contiguous stream.
+void pack_column_panels(const float* src, long rows, long D, float* dst) {
+  for (long q = 0; q < ceil_div(D, NR); ++q) {
+    const long width = std::min<long>(NR, D - q * NR);
+    for (long r = 0; r < rows; ++r) {
+      float* out = dst + (q * rows + r) * NR;
+      std::memcpy(out, src + r * D + q * NR, sizeof(float) * size_t(width));
+      std::memset(out + width, 0, sizeof(float) * size_t(NR - width));
+    }
+  }
+}
+
 // GEMM1 for one tile: ZT[v][t] = W[v0+v] . H[t0+t] over d, v < nv, t < ceil(nt/NR)*NR.
 void logits_tile(const TokenLogprobProblem& p, const float* hp, long v0, long nv, long t0, long nt, float* zt) {
   for (long q = 0; q < ceil_div(nt, NR); ++q)
-    gemm(nv, NR, p.D, p.weight + v0 * p.D, p.D, 1, hp + (t0 / NR + q) * p.D * NR, NR, zt + q * NR, MC, false);
+    gemm(nv, NR, p.D, p.weight + v0 * p.D, p.D, 1, hp + (t0 / NR + q) * p.D * NR, NR, NR, zt + q * NR, MC, false);
 }
 
 // Adds the bias and applies the soft cap, in place, to 16 tokens of one ZT row.
@@ -259,6 +283,12 @@ void token_logprob_bwd(const TokenLogprobProblem& p, const float* lse, const flo
   const bool by_vocab = grad_weight || grad_bias;
   const int threads = int(std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : token_blocks));
   Buffer hp = pack_hidden(p, threads);
+  const long d_padded = ceil_div(p.D, NR) * NR;
+  Buffer hc;  // H in column panels [D/NR][N][NR]: GEMM2's B operand
+  if (grad_weight) {
+    hc = alloc_floats(size_t(p.N * d_padded));
+    pack_column_panels(p.hidden, p.N, p.D, hc.get());
+  }
   std::vector<Buffer> dh_partial;  // thread i > 0 accumulates dH into dh_partial[i - 1]
   if (by_vocab && grad_hidden)
     for (int i = 1; i < threads; ++i) dh_partial.push_back(alloc_floats(size_t(p.N * p.D)));
@@ -274,16 +304,18 @@ void token_logprob_bwd(const TokenLogprobProblem& p, const float* lse, const flo
     const long tb0 = by_vocab ? 0 : r0, tb1 = by_vocab ? token_blocks : r1;
     float* dh = grad_hidden ? (tid == 0 || !by_vocab ? grad_hidden : dh_partial[tid - 1].get()) : nullptr;
     Buffer zt = alloc_floats(size_t(NC * MC));
+    Buffer wc = alloc_floats(size_t(NC * d_padded));  // this vocab block of W in column panels
     for (long vb = vb0; vb < vb1; ++vb) {
       const long v0 = vb * NC, nv = std::min(NC, p.V - v0);
+      if (dh) pack_column_panels(p.weight + v0 * p.D, nv, p.D, wc.get());
       for (long tb = tb0; tb < tb1; ++tb) {
         const long t0 = tb * MC, nt = std::min(MC, p.N - t0);
         logits_tile(p, hp.get(), v0, nv, t0, nt, zt.get());
         backward_epilogue(p, zt.get(), v0, nv, t0, nt, lse, grad_logp, grad_bias);
         if (grad_weight)  // GEMM2: first token block writes, later ones accumulate
-          gemm(nv, p.D, nt, zt.get(), MC, 1, p.hidden + t0 * p.D, p.D, grad_weight + v0 * p.D, p.D, tb > 0);
+          gemm(nv, p.D, nt, zt.get(), MC, 1, hc.get() + t0 * NR, NR, p.N * NR, grad_weight + v0 * p.D, p.D, tb > 0);
         if (dh)  // GEMM3: this thread's first vocab block writes, later ones accumulate
-          gemm(nt, p.D, nv, zt.get(), 1, MC, p.weight + v0 * p.D, p.D, dh + t0 * p.D, p.D, vb > vb0);
+          gemm(nt, p.D, nv, zt.get(), 1, MC, wc.get(), NR, nv * NR, dh + t0 * p.D, p.D, vb > vb0);
       }
     }
   }
@@ -306,8 +338,11 @@ int64_t token_logprob_workspace_bytes(int64_t N, int64_t D, int64_t V, int num_t
   const long token_blocks = ceil_div(N, MC), vocab_blocks = ceil_div(V, NC);
   const bool by_vocab = backward && (need_weight || need_bias);
   const long threads = std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : token_blocks);
-  int64_t floats = ceil_div(N, NR) * NR * D + threads * NC * MC;
-  if (!backward) floats += N;
+  const long d_padded = ceil_div(D, NR) * NR;
+  int64_t floats = ceil_div(N, NR) * NR * D + threads * NC * MC;  // Hp, logit tiles
+  if (!backward) floats += N;                                     // running sums
+  if (backward) floats += threads * NC * d_padded;                  // packed W blocks
+  if (backward && need_weight) floats += N * d_padded;              // Hc
   if (by_vocab && need_hidden) floats += (threads - 1) * N * D;
   return floats * int64_t(sizeof(float));
 }
