@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
         data = load_run_data(cfg)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available()
-        accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+        # cpu=True on a machine without CUDA: otherwise accelerate ignores a multi-process launch
+        # (each rank would believe it is alone) instead of using gloo.
+        accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no",
+                                  cpu=not torch.cuda.is_available())
         # The main process creates (or finds) the run directory; the others follow its choice.
         chosen = [str(prepare_run_dir(cfg)[1]) if accelerator.is_main_process else None]
         if accelerator.num_processes > 1:

@@ -100,7 +100,9 @@ def test_two_processes_under_accelerate(tiny_qwen2vl_dir, shapes_dir, tmp_path):
     pytest.importorskip("accelerate")
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process; the torchrun launcher
+    # (`--multi_gpu`) on a machine without CUDA gives two MULTI_CPU ranks over gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "r3v_fast.train", *smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

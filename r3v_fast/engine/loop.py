@@ -280,7 +280,7 @@ class Run:
 
 # ------------------------------------------------------------------------------ reporting
 def format_row(m: dict) -> str:
-    keys = [k for k in m if "@" in k]
+    keys = [k for k in m if "@" in k and (k == "pass@1" or not k.endswith("@1"))]
     return f"iteration {m['iteration']}: " + "  ".join(f"{k} {m[k]:.1f}" for k in keys)
 
 
@@ -291,7 +291,9 @@ def results_table(metrics: list[dict]) -> str:
     boots = {m["iteration"]: m for m in metrics if m["phase"] == "bootstrap"}
     if not evals:
         return "(no evaluation yet)"
-    acc_keys = [k for k in next(iter(evals.values())) if "@" in k]
+    # maj@1, oracle@1 and select@1 all equal the first sample's accuracy: the table leaves them
+    # out (metrics.jsonl keeps them).
+    acc_keys = [k for k in next(iter(evals.values())) if "@" in k and (k == "pass@1" or not k.endswith("@1"))]
     header = ["iter", *acc_keys, "pool acc", "SFT", "REF", "SEL", "warm", "time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for it in sorted(evals):

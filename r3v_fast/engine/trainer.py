@@ -245,7 +245,11 @@ class Trainer:
 
     def _step(self, wrapper, optimizer, scheduler, step_examples, step: int) -> dict:
         opts, acc = self.options, self.accelerator
-        mine = step_examples[acc.process_index::acc.num_processes]   # this rank's share
+        # This rank's share: whole question groups, dealt round-robin (a group's examples share
+        # their image + question prefix, which tree packing computes once).
+        groups = list(dict.fromkeys(ex.group for ex in step_examples))
+        my_groups = set(groups[acc.process_index::acc.num_processes])
+        mine = [ex for ex in step_examples if ex.group in my_groups]
         batches = pack(mine, mode=opts.packing, max_tokens=opts.max_tokens, shuffle_seed=None,
                        pad_id=pad_id(self.processor)) if mine else []
 
