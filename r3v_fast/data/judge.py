@@ -12,7 +12,10 @@ Extraction, in order:
 1. the text after the LAST "Answer:" (case-insensitive), its first non-empty line;
 2. else the text after the last "the answer is";
 3. else a per-dataset fallback over the whole output:
-   - shapes-math, clevr-math, chartqa: the last number in the text;
+   - shapes-math: none. The task teaches the "Answer:" line, and crediting the last number
+     of free text would reward rambling (a random model's digits hit the small integer answers
+     about one time in five) and put rationales without an answer line into the SFT set;
+   - clevr-math, chartqa: the last number in the text;
    - geoqa, m3cot: the last option letter in parentheses ("(C)"), or a reply that is just a
      letter ("C", "C.");
    - tabmwp: as geoqa, else the last number;
@@ -106,6 +109,8 @@ def extract_answer(dataset: str, text: str) -> str | None:
             if found:
                 return found
     name = normalise_dataset(dataset)
+    if name == "shapes-math":
+        return None   # our own task teaches the answer line: text without one earns nothing
     if name in _INTEGER_SETS or name == "chartqa":
         return _last_number(text)
     if name in _LETTER_SETS:

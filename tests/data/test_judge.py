@@ -14,7 +14,8 @@ COT = "Let me look at the image carefully.\nThere are several steps here: 12 + 3
     ("shapes-math", "Answer: 3 (wrong)\nLet me redo it.\nANSWER:   5  \nextra", "5"),  # last one wins
     ("shapes-math", "**Answer:** 6", "6"),
     ("shapes-math", "Answer:\n\n  2", "2"),  # first non-empty line after the marker
-    ("shapes-math", "So 7 - 3 = 4 objects remain.", "4"),  # fallback: last number
+    ("shapes-math", "So 7 - 3 = 4 objects remain.", None),  # no answer line: no credit
+    ("clevr-math", "So 7 - 3 = 4 objects remain.", "4"),  # fallback: last number
     ("shapes-math", "I cannot tell.", None),
     ("clevr-math", "The final answer is 3.", "3."),
     ("chartqa", "The bars show 10, 20 and 31.", "31"),
@@ -172,7 +173,7 @@ def test_long_adversarial_text_is_fast():
 
 
 @pytest.mark.parametrize("dataset, texts, choices, key", [
-    ("shapes-math", ["Answer: 4", "Answer: 4.", "Answer: 4 objects", "Answer: four", "so 7 - 3 = 4"], None, "4"),
+    ("shapes-math", ["Answer: 4", "Answer: 4.", "Answer: 4 objects", "Answer: four", "so the answer is 4"], None, "4"),
     ("geoqa", ["Answer: B", "Answer: (b)", "Answer: B. 45°", "Answer: 45°", "the answer is (B)"],
      ("30°", "45°"), "B"),
     ("chartqa", ["Answer: 1,200", "Answer: $1200", "Answer: 1200.0", "Answer: 1200%"], None, "1200"),
