@@ -35,6 +35,35 @@ def majority_answer(answers: Sequence[str | None]) -> str | None:
     return votes.most_common(1)[0][0] if votes else None
 
 
+def sample_and_select(
+    sampler: Sampler,
+    requests: Sequence[Request],
+    params: SamplingParams,
+    select_request: Callable[[int, list[str]], Request],
+    select_ks: Sequence[int],
+    select_params: SamplingParams,
+) -> tuple[list[str], list[list[str]], dict[int, list[str]]]:
+    """For each CoT request: the greedy completion, ``params.k`` sampled candidates, and for
+    every k in ``select_ks`` the greedy answer to ``select_request(i, candidates[:k])``.
+
+    A sampler that has its own ``sample_and_select`` (the shared-prefix sampler) serves all
+    three from one prefill of each image + question: the select prompt shares that prefix and
+    continues from its cached KV. Any other sampler makes three kinds of plain passes.
+    """
+    if hasattr(sampler, "sample_and_select"):
+        return sampler.sample_and_select(requests, params, select_request=select_request,
+                                         select_ks=select_ks, select_params=select_params)
+    greedy = [texts[0] for texts in sampler.sample(requests, GREEDY, desc="eval greedy")]
+    candidates = (sampler.sample(requests, params, desc=f"eval sample K={params.k}")
+                  if params.k > 1 else [[g] for g in greedy])
+    selects = {}
+    for k in select_ks:
+        outs = sampler.sample([select_request(i, c[:k]) for i, c in enumerate(candidates)], select_params,
+                              desc=f"eval select@{k}")
+        selects[k] = [out[0] for out in outs]
+    return greedy, candidates, selects
+
+
 def score_questions(
     records: Sequence[Record],
     sampler: Sampler,
@@ -48,39 +77,33 @@ def score_questions(
     """Per-question evaluation rows: greedy answer, K_max candidates and select outcomes."""
     if not records:
         return []
-    k_max = max(ks)
     cot = [Request(render(prompts.cot_messages(r)), r.image) for r in records]
-    greedy = [texts[0] for texts in sampler.sample(cot, GREEDY, desc="eval greedy")]
-    candidates = sampler.sample(cot, SamplingParams(**{**params.__dict__, "k": k_max}),
-                                desc=f"eval sample K={k_max}") if k_max > 1 else [[g] for g in greedy]
+
+    def select_request(i: int, candidates: list[str]) -> Request:
+        return Request(render(prompts.select_messages(records[i], candidates)), records[i].image)
+
+    select_ks = sorted(k for k in set(ks) if k >= 2) if select else []
+    greedy, candidates, selects = sample_and_select(
+        sampler, cot, SamplingParams(**{**params.__dict__, "k": max(ks)}), select_request, select_ks,
+        SamplingParams(k=1, temperature=0.0, max_new_tokens=select_max_new_tokens))
 
     rows = []
-    for record, g, cands in zip(records, greedy, candidates):
-        rows.append({
+    for i, (record, g, cands) in enumerate(zip(records, greedy, candidates)):
+        row = {
             "id": record.id,
             "greedy": g,
             "greedy_correct": is_right(record, g),
             "answers": [judge.canonical_answer(record.dataset, c, record.choices, record.unit) for c in cands],
             "correct": [is_right(record, c) for c in cands],
             "candidates": cands,
-            "select": {},
-        })
-
-    if select:
-        select_params = SamplingParams(k=1, temperature=0.0, max_new_tokens=select_max_new_tokens)
-        for k in sorted(set(ks)):
-            if k < 2:
-                continue
-            requests = [Request(render(prompts.select_messages(r, row["candidates"][:k])), r.image)
-                        for r, row in zip(records, rows)]
-            outs = sampler.sample(requests, select_params, desc=f"eval select@{k}")
-            for record, row, out in zip(records, rows, outs):
-                row["select"][str(k)] = {"text": out[0], "correct": is_right(record, out[0])}
-    for record, row in zip(records, rows):
+            "select": {str(k): {"text": selects[k][i], "correct": is_right(record, selects[k][i])}
+                       for k in select_ks},
+            "maj": {},
+        }
         for k in ks:
             maj = majority_answer(row["answers"][:k])
-            row.setdefault("maj", {})[str(k)] = (
-                maj is not None and is_right(record, prompts.answer_line(maj)))
+            row["maj"][str(k)] = maj is not None and is_right(record, prompts.answer_line(maj))
+        rows.append(row)
     return rows
 
 
