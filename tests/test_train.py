@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from r3v_fast import train
 from r3v_fast.engine.pool import Pool
@@ -117,3 +118,40 @@ def test_two_processes_under_accelerate(tiny_qwen2vl_dir, shapes_dir, tmp_path):
     assert phases(run_dir) == [(1, "bootstrap"), (1, "train"), (1, "eval")]
     boot = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert sorted(boot["chunks_per_rank"]) == [1, 2]                       # both ranks sampled
+
+
+def test_resume_after_interrupt_during_training(tiny_qwen2vl_dir, shapes_dir, tmp_path, monkeypatch, capsys):
+    from r3v_fast.engine import trainer as trainer_module
+
+    run_dir = tmp_path / "run"
+    real = trainer_module.Trainer._step
+    seen = []
+
+    def flaky(self, wrapper, optimizer, scheduler, step_examples, step):
+        if step == 2 and not seen:
+            seen.append(step)
+            raise KeyboardInterrupt                      # Ctrl-C in the middle of training
+        return real(self, wrapper, optimizer, scheduler, step_examples, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", flaky)
+    args = smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false", "--batch-size", "2",
+                      "--epochs", "2")
+    assert train.main(args) == 130
+    state = json.loads((run_dir / "train_state" / "step.json").read_text())
+    assert state == {"step": 2}                          # steps 0 and 1 are kept
+    assert train.main(["--resume", "--run-dir", str(run_dir), "--progress", "false"]) == 0
+    assert "resuming training at step 2/" in capsys.readouterr().out
+    assert not (run_dir / "train_state").exists()        # cleaned up once the checkpoint is saved
+    assert phases(run_dir) == [(1, "bootstrap"), (1, "train"), (1, "eval")]
+
+    # Nothing lost: the resumed run trains to the same weights as an uninterrupted one.
+    from safetensors.torch import load_file
+
+    straight = tmp_path / "straight"
+    args[args.index("--run-dir") + 1] = str(straight)
+    assert train.main(args) == 0
+    a = load_file(str(run_dir / "checkpoints" / "iter_001" / "model.safetensors"))
+    b = load_file(str(straight / "checkpoints" / "iter_001" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
