@@ -101,3 +101,26 @@ def test_plan_steps_keeps_groups_whole_and_is_deterministic():
         groups = {exs[i].group for i in step}
         assert all(sum(exs[i].group == g for i in step) == 3 for g in groups)
     assert sorted(i for s in steps for i in s) == sorted(list(range(12)) * 2)
+
+
+def test_lora_trains_adapters_only_and_merges(model_and_examples, tmp_path):
+    import copy
+
+    from r3v_fast.engine.trainer import apply_lora
+
+    model, processor, examples = model_and_examples
+    base = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    opts = TrainOptions(epochs=2, lr=1e-2, batch_size=64, max_tokens=4096, lora_r=4, lora_alpha=8,
+                        lora_dropout=0.0, save_every=0, warmup_steps=1)
+    lora = apply_lora(base, opts)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all("language_model" in n for n in trainable)            # the vision tower stays frozen
+    trainer = Trainer(lora, processor, Accelerator(cpu=True), opts, tmp_path / "state", show_progress=False)
+    history = trainer.train(examples)["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    merged = trainer.model.merge_and_unload()
+    after = dict(merged.named_parameters())
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    assert changed and all("language_model" in n for n in changed)
