@@ -5,9 +5,9 @@
 // Backward: dz = g * (onehot(target) - softmax(z)) * (1 - tanh^2 if capped),
 //           dH = dz W, dW = dz^T H, db = sum_n dz  (z recomputed; nothing [N, V] is saved).
 //
-// Blocking. Tokens come in blocks of MC = 192, vocabulary rows in blocks of NC = 96. For one
+// Blocking. Tokens come in blocks of MC = 192, vocabulary rows in blocks of NC = 192. For one
 // (vocab block, token block) pair the logits tile is computed *transposed*, ZT[NC][MC]
-// (vocab rows x token columns, 72 KiB, stays in L2), so that every epilogue is vectorized
+// (vocab rows x token columns, 144 KiB, stays in L2), so that every epilogue is vectorized
 // over 16 tokens with per-lane running max / sum: no horizontal reductions. Three GEMMs run
 // on the same register-blocked micro-kernel (simd.h, 6 x 64 tile, 24 zmm accumulators):
 //   GEMM1  ZT[v][t]  = sum_d W[v][d] Hp[d][t]   M=vocab   N=tokens K=D     (H packed once)
@@ -43,7 +43,7 @@ constexpr int MR = 6;            // micro-tile rows
 constexpr int NV = 4;            // micro-tile width in vectors
 constexpr int NR = kLanes * NV;  // micro-tile columns = token panel width (64)
 constexpr long MC = 192;         // tokens per block (3 panels)
-constexpr long NC = 96;          // vocabulary rows per block
+constexpr long NC = 192;         // vocabulary rows per block (32 micro-tile rows)
 static_assert(MC % NR == 0, "a token block is a whole number of packed panels");
 static_assert(MC % kLanes == 0, "epilogue rows are whole vectors");
 

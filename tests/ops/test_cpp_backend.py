@@ -4,7 +4,7 @@ Every result is compared with a float64 full-logits implementation written here.
 follows DESIGN.md §6: the kernel's error may be at most 2x the error of the same fp32 math
 done eagerly by PyTorch (full logits, logsumexp, autograd) plus a 1e-5 floor, errors being
 measured as max |x - ref| / max |ref|. Shapes are chosen around the kernel's blocks (64-token
-panels, 192-token and 96-row vocabulary blocks, 64-wide D panels) so every tail path runs.
+panels, 192-token and 192-row vocabulary blocks, 64-wide D panels) so every tail path runs.
 """
 
 import itertools
@@ -60,7 +60,8 @@ SHAPES = [
     (47, 123, 507),   # the issue's odd shape
     (1, 16, 1),       # one token, one vocabulary entry
     (1, 5, 3),
-    (193, 65, 97),    # one past a token block, a D panel and a vocabulary block
+    (193, 65, 193),   # one past a token block, a D panel and a vocabulary block
+    (64, 130, 97),    # one token panel; D two panels + 2; V not a multiple of the 6-row tile
     (130, 64, 200),   # D exactly one panel, tokens two panels + 2
 ]
 
