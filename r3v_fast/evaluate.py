@@ -40,34 +40,33 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from r3v_fast.config import RunConfig
+    from r3v_fast.data.loaders import load_dataset
+    from r3v_fast.data.records import DataError
     from r3v_fast.engine.evaluation import score_questions, summarize
-    from r3v_fast.engine.loop import UsageError, load_processor, make_renderer, make_sampler
+    from r3v_fast.engine.loop import UsageError, make_renderer, make_sampler
     from r3v_fast.engine.pool import atomic_write_text
     from r3v_fast.engine.sampler import SamplingParams
     from r3v_fast.model.loading import ModelLoadError, check_model_dir, load_vlm
-    from r3v_fast.train import embedded_model_dir, load_run_data
+    from r3v_fast.train import embedded_model_dir
 
     try:
         ks = RunConfig(eval_ks=args.k).eval_k_list()
         model_dir = Path(args.model) if args.model else embedded_model_dir()
         check_model_dir(model_dir, trust_remote_code=args.trust_remote_code)
-        cfg = RunConfig(data=args.data or None, test_data=args.data, data_format=args.data_format,
-                        image_root=args.image_root, max_test_questions=args.max_questions,
-                        sample_batch_size=args.batch_size, progress=True)
-        data = load_run_data(cfg) if args.data is None else None
-        if data is None:
-            from r3v_fast.data.loaders import load_dataset
+        if args.data is None:
+            from r3v_fast.data.shapes import default_dataset
 
-            records, report = load_dataset(args.data, fmt=args.data_format, image_root=args.image_root,
-                                           strict=False, check_images=True)
-            if report.skipped:
-                print(f"test data: {report.summary()}", file=sys.stderr)
-            test = records[: args.max_questions] if args.max_questions else records
+            data_path, fmt = default_dataset() / "test.jsonl", "jsonl"
         else:
-            test = data.test
+            data_path, fmt = Path(args.data), args.data_format
+        test, report = load_dataset(data_path, fmt=fmt, image_root=args.image_root, strict=False,
+                                    check_images=True)
+        if report.skipped:
+            print(f"test data: {report.summary()}", file=sys.stderr)
+        test = test[: args.max_questions] if args.max_questions else test
         if not test:
-            raise UsageError("the test data yields zero usable records")
-    except (UsageError, ModelLoadError, ValueError, OSError) as err:
+            raise UsageError(f"{data_path}: the test data yields zero usable records")
+    except (UsageError, ModelLoadError, DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, processor = load_vlm(model_dir, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     model.eval()
-    sampler = make_sampler(args.sampler, model, processor, cfg)
+    sampler = make_sampler(args.sampler, model, processor, RunConfig(sample_batch_size=args.batch_size))
     params = SamplingParams(k=max(ks), temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     rows = score_questions(test, sampler, make_renderer(processor), ks=ks, params=params,
