@@ -13,8 +13,11 @@
 //   GEMM1  ZT[v][t]  = sum_d W[v][d] Hp[d][t]   M=vocab   N=tokens K=D     (H packed once)
 //   GEMM2  dW[v][:] += sum_t dZT[v][t] H[t][:]  M=vocab   N=D      K=tokens
 //   GEMM3  dH[t][:] += sum_v dZT[v][t] W[v][:]  M=tokens  N=D      K=vocab
-// The micro-kernel broadcasts A elements, so W rows and the dZT tile are used in place; only
-// H needs a repack (Hp: 64-token panels, d-major, zero-padded), done once per call.
+// The micro-kernel broadcasts A elements, so W rows and the dZT tile serve as A in place. The
+// B operands are packed so each K x 64 sliver is one contiguous stream: H twice per call (Hp:
+// 64-token panels, d-major, for GEMM1; Hc: 64-wide column panels, for GEMM2) and each W block
+// once per vocabulary block (for GEMM3). Scratch: 2 x N x D floats + per-thread tiles, plus
+// one N x D dH partial per extra thread when dW is wanted (see workspace_bytes).
 //
 // Threads and determinism. Forward: each thread owns a range of token blocks and walks the
 // vocabulary blocks in order, so every token's online logsumexp sees the same order for any
@@ -28,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include "simd.h"
@@ -51,7 +55,9 @@ struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
 using Buffer = std::unique_ptr<float[], FreeDeleter>;
 Buffer alloc_floats(size_t n) {  // 64-byte aligned, uninitialized
   const size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
-  return Buffer(static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64)));
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64));
+  if (!p) throw std::bad_alloc();  // pybind11 turns this into MemoryError
+  return Buffer(p);
 }
 
 using Kernel = void (*)(long, const float*, long, long, const float*, long, float*, long, int, bool);
@@ -250,17 +256,20 @@ void token_logprob_fwd(const TokenLogprobProblem& p, float* logp, float* lse, in
   // lse holds the running max and logp the target logit until the final combine.
   std::vector<float> run_sum(size_t(p.N), 0.0f);
   std::fill(lse, lse + p.N, -std::numeric_limits<float>::infinity());
+  // Per-thread scratch is allocated here: an exception must not leave a parallel region.
+  std::vector<Buffer> tiles;
+  for (int i = 0; i < threads; ++i) tiles.push_back(alloc_floats(size_t(NC * MC)));
 #pragma omp parallel num_threads(threads)
   {
     const int tid = thread_id(), nthr = thread_count();
     const long b0 = range_begin(token_blocks, nthr, tid), b1 = range_begin(token_blocks, nthr, tid + 1);
-    Buffer zt = alloc_floats(size_t(NC * MC));
+    float* zt = tiles[tid].get();
     for (long vb = 0; vb < vocab_blocks; ++vb) {
       const long v0 = vb * NC, nv = std::min(NC, p.V - v0);
       for (long tb = b0; tb < b1; ++tb) {
         const long t0 = tb * MC, nt = std::min(MC, p.N - t0);
-        logits_tile(p, hp.get(), v0, nv, t0, nt, zt.get());
-        forward_epilogue(p, zt.get(), v0, nv, t0, nt, lse, run_sum.data(), logp);
+        logits_tile(p, hp.get(), v0, nv, t0, nt, zt);
+        forward_epilogue(p, zt, v0, nv, t0, nt, lse, run_sum.data(), logp);
       }
     }
   }
@@ -293,6 +302,11 @@ void token_logprob_bwd(const TokenLogprobProblem& p, const float* lse, const flo
   if (by_vocab && grad_hidden)
     for (int i = 1; i < threads; ++i) dh_partial.push_back(alloc_floats(size_t(p.N * p.D)));
   if (grad_bias) std::memset(grad_bias, 0, sizeof(float) * size_t(p.V));
+  std::vector<Buffer> tiles, w_blocks;  // per thread: dZT tile; a W block in column panels
+  for (int i = 0; i < threads; ++i) {
+    tiles.push_back(alloc_floats(size_t(NC * MC)));
+    if (grad_hidden) w_blocks.push_back(alloc_floats(size_t(NC * d_padded)));
+  }
   int team = 1;
 #pragma omp parallel num_threads(threads)
   {
@@ -303,19 +317,19 @@ void token_logprob_bwd(const TokenLogprobProblem& p, const float* lse, const flo
     const long vb0 = by_vocab ? r0 : 0, vb1 = by_vocab ? r1 : vocab_blocks;
     const long tb0 = by_vocab ? 0 : r0, tb1 = by_vocab ? token_blocks : r1;
     float* dh = grad_hidden ? (tid == 0 || !by_vocab ? grad_hidden : dh_partial[tid - 1].get()) : nullptr;
-    Buffer zt = alloc_floats(size_t(NC * MC));
-    Buffer wc = alloc_floats(size_t(NC * d_padded));  // this vocab block of W in column panels
+    float* zt = tiles[tid].get();
+    float* wc = dh ? w_blocks[tid].get() : nullptr;
     for (long vb = vb0; vb < vb1; ++vb) {
       const long v0 = vb * NC, nv = std::min(NC, p.V - v0);
-      if (dh) pack_column_panels(p.weight + v0 * p.D, nv, p.D, wc.get());
+      if (dh) pack_column_panels(p.weight + v0 * p.D, nv, p.D, wc);
       for (long tb = tb0; tb < tb1; ++tb) {
         const long t0 = tb * MC, nt = std::min(MC, p.N - t0);
-        logits_tile(p, hp.get(), v0, nv, t0, nt, zt.get());
-        backward_epilogue(p, zt.get(), v0, nv, t0, nt, lse, grad_logp, grad_bias);
+        logits_tile(p, hp.get(), v0, nv, t0, nt, zt);
+        backward_epilogue(p, zt, v0, nv, t0, nt, lse, grad_logp, grad_bias);
         if (grad_weight)  // GEMM2: first token block writes, later ones accumulate
-          gemm(nv, p.D, nt, zt.get(), MC, 1, hc.get() + t0 * NR, NR, p.N * NR, grad_weight + v0 * p.D, p.D, tb > 0);
+          gemm(nv, p.D, nt, zt, MC, 1, hc.get() + t0 * NR, NR, p.N * NR, grad_weight + v0 * p.D, p.D, tb > 0);
         if (dh)  // GEMM3: this thread's first vocab block writes, later ones accumulate
-          gemm(nt, p.D, nv, zt.get(), 1, MC, wc.get(), NR, nv * NR, dh + t0 * p.D, p.D, vb > vb0);
+          gemm(nt, p.D, nv, zt, 1, MC, wc, NR, nv * NR, dh + t0 * p.D, p.D, vb > vb0);
       }
     }
   }
@@ -341,7 +355,7 @@ int64_t token_logprob_workspace_bytes(int64_t N, int64_t D, int64_t V, int num_t
   const long d_padded = ceil_div(D, NR) * NR;
   int64_t floats = ceil_div(N, NR) * NR * D + threads * NC * MC;  // Hp, logit tiles
   if (!backward) floats += N;                                     // running sums
-  if (backward) floats += threads * NC * d_padded;                  // packed W blocks
+  if (backward && need_hidden) floats += threads * NC * d_padded;   // packed W blocks
   if (backward && need_weight) floats += N * d_padded;              // Hc
   if (by_vocab && need_hidden) floats += (threads - 1) * N * D;
   return floats * int64_t(sizeof(float));
