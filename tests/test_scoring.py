@@ -170,3 +170,15 @@ def test_over_long_examples_raise_with_the_question(setup):
     shortest = min(len(t) for t in tokenize_examples(processor, examples, max_length=10_000)[0])
     with pytest.raises(ValueError, match=r"longer than max_tokens.*'q0'"):
         sequence_logprobs(model, processor, examples, max_tokens=shortest)
+
+
+def test_qwen2_5vl_tree_logprobs_equal_separate_forwards(tiny_qwen2_5vl_dir, rgb_images, tmp_path):
+    model, processor = load_vlm(tiny_qwen2_5vl_dir)
+    reference_model, _ = load_vlm(tiny_qwen2_5vl_dir)
+    path = str(tmp_path / "q.png")
+    rgb_images[1].save(path)
+    examples = r3v_examples(processor, Record(id="q0", image=path, question="How many red objects are there?",
+                                              answer="2", dataset="shapes-math"))
+    with torch.no_grad():
+        got = sequence_logprobs(model, processor, examples, packing="tree")
+    assert_matches_reference(got, reference_model, processor, examples)

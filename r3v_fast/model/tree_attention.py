@@ -19,7 +19,8 @@ builds the ordinary SDPA mask. (The one thing given up: transformers' detection 
 sequences from position ids, which tree batches replace.)
 
 Backends:
-- CPU (and the reference): SDPA with the dense boolean ancestor mask [B, 1, T, T].
+- CPU (and the reference): SDPA with the boolean ancestor mask, trie by trie (the dense
+  [T, T] mask is block-diagonal over tries; one trie at a time costs Σ size² instead of T²).
 - CUDA: FlexAttention with a BlockMask built straight from the node ranges — per (query, key
   block) counts of allowed keys from range overlaps, O(T·T/128), instead of create_block_mask
   evaluating the mask on all T² pairs. Partial blocks use the mask_mod above.
@@ -71,6 +72,27 @@ class TreeMeta:
             causal = torch.ones(T, T, dtype=torch.bool, device=node.device).tril()
             self._cache["dense"] = (same_tree & causal).unsqueeze(1)
         return self._cache["dense"]
+
+    def trie_blocks(self) -> list[tuple[int, int, int, torch.Tensor]]:
+        """(row, start, end, mask [end-start, end-start] bool) of every trie: the dense mask's
+        diagonal blocks. Nothing crosses tries, so attention per trie is exact and costs
+        Σ size² instead of T² (the CPU path)."""
+        if "tries" not in self._cache:
+            node = self.node_of_token                                   # [B, T]
+            # A node's root is its first ancestor in the layout (ancestors precede descendants).
+            root = self.ancestor.to(torch.int8).argmax(dim=1)           # [Nn]
+            blocks = []
+            for row in range(node.shape[0]):
+                trie_of_slot = root[node[row]]                           # [T]
+                ends = (torch.diff(trie_of_slot).nonzero().flatten() + 1).tolist() + [node.shape[1]]
+                start = 0
+                for end in ends:
+                    local = node[row, start:end]
+                    causal = torch.ones(end - start, end - start, dtype=torch.bool, device=node.device).tril()
+                    blocks.append((row, start, end, self.ancestor[local[:, None], local[None, :]] & causal))
+                    start = end
+            self._cache["tries"] = blocks
+        return self._cache["tries"]
 
     def block_classes(self, block_size: int = FLEX_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
         """(partial, full): [B, nq, nk] bool block classes, computed from the node ranges.
@@ -163,10 +185,18 @@ def tree_attention_forward(module, query, key, value, attention_mask, scaling=No
         if dropout:
             raise ValueError("tree attention on CUDA (FlexAttention) has no attention dropout")
         out = _flex_attention(query, key, value, r3v_tree.block_mask(), scaling)
-    else:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=r3v_tree.dense_mask(),
-                                             dropout_p=dropout, scale=scaling,
-                                             enable_gqa=query.shape[1] != key.shape[1])
+    else:   # SDPA with the boolean ancestor mask, one trie at a time
+        blocks = r3v_tree.trie_blocks()
+        rows = []
+        for row in range(query.shape[0]):
+            mine = [(end - start, mask) for r, start, end, mask in blocks if r == row]
+            sizes = [size for size, _ in mine]
+            # split (not slicing per trie): its backward is one cat, not a zero-filled row per trie
+            parts = zip(*(t[row:row + 1].split(sizes, dim=2) for t in (query, key, value)), mine)
+            rows.append(torch.cat([F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1]) for q, k, v, (_, mask) in parts], dim=2))
+        out = torch.cat(rows)                                           # [B, Hq, T, D]
     return out.transpose(1, 2).contiguous(), None                      # [B, T, Hq, D]
 
 

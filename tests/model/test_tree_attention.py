@@ -38,6 +38,13 @@ def test_ancestor_mask_by_hand():
     assert torch.equal(batch.tree.dense_mask()[0, 0], expected)
 
 
+def test_trie_blocks_are_the_diagonal_blocks_of_the_dense_mask():
+    tree = random_tries(3, n_tries=5).tree
+    blocks = tree.trie_blocks()
+    assert len(blocks) == 5 and [b[0] for b in blocks] == [0] * 5
+    assert torch.equal(torch.block_diag(*[mask for *_, mask in blocks]), tree.dense_mask()[0, 0])
+
+
 def random_tries(seed, n_tries=4):
     rng = random.Random(seed)
     groups = []
