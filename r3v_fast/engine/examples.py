@@ -28,13 +28,15 @@ import torch
 
 from r3v_fast.model.loading import end_of_turn_id
 
-__all__ = ["Example", "TokenizedExample", "tokenize_examples", "TASKS"]
+__all__ = ["Example", "TokenizedExample", "tokenize_examples", "mrope_positions", "image_token_id", "TASKS"]
 
 TASKS = ("sft", "refine", "select", "warmup")
 
 
 @dataclass(frozen=True)
 class Example:
+    """One training example of the R³V mix, as text (built by r3v_fast.engine.tasks)."""
+
     task: str      # "sft" | "refine" | "select" | "warmup"
     group: str     # record id: all examples of one group share image + question (a prompt prefix)
     image: str     # image file path ("" for a text-only example)
@@ -45,6 +47,8 @@ class Example:
 
 @dataclass(eq=False)
 class TokenizedExample:
+    """An example as model tokens, with its image tensors and (M-RoPE models) rope ids."""
+
     input_ids: torch.Tensor          # [L] int64: prompt (image tokens expanded) + target + end-of-turn
     n_target: int                    # the last n_target tokens are the target (end-of-turn included)
     task: str

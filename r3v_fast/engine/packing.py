@@ -115,9 +115,9 @@ def _targets(ex: TokenizedExample, path: torch.Tensor, row_base: int):
     return path[L - n - 1: L - 1] + row_base, ex.input_ids[L - n:]
 
 
-def _finish(rows_examples, input_ids, position_ids, attention_mask, tree, images, preds, targets,
+def _finish(exs, input_ids, position_ids, attention_mask, tree, images, preds, targets,
             segments) -> PackedBatch:
-    exs = rows_examples
+    """Assemble a batch; ``exs`` are its examples in segment order."""
     return PackedBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, tree=tree,
         image_inputs=_concat_images(images), pred_index=torch.cat(preds), target_ids=torch.cat(targets),
