@@ -200,14 +200,20 @@ def tree_attention_forward(module, query, key, value, attention_mask, scaling=No
     return out.transpose(1, 2).contiguous(), None                      # [B, T, Hq, D]
 
 
-def _tree_mask(*args, attention_mask=None, kv_length=None, q_length=None, kv_offset=0, **kwargs):
-    """Mask function for "r3v_tree": none for tree batches, the SDPA mask otherwise."""
+def _tree_mask(*args, **kwargs):
+    """Mask function for "r3v_tree": none for tree batches, the SDPA mask otherwise.
+
+    No mask is built when there is no 2-D padding mask and no cache (keys == queries, no offset):
+    a tree batch brings its own, a plain unpadded call is causal. Keyword names differ across
+    transformers 5 releases (q_length, or cache_position in older ones); all are passed through.
+    """
     from transformers.masking_utils import sdpa_mask
 
-    if attention_mask is None and kv_length == q_length and not kv_offset:
+    cache_position = kwargs.get("cache_position")
+    q_length = kwargs.get("q_length", None if cache_position is None else cache_position.shape[0])
+    if kwargs.get("attention_mask") is None and kwargs.get("kv_length") == q_length and not kwargs.get("kv_offset"):
         return None
-    return sdpa_mask(*args, attention_mask=attention_mask, kv_length=kv_length, q_length=q_length,
-                     kv_offset=kv_offset, **kwargs)
+    return sdpa_mask(*args, **kwargs)
 
 
 def register_tree_attention() -> None:

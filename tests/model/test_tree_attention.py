@@ -148,3 +148,15 @@ def test_enabling_tree_attention_leaves_plain_calls_unchanged(kind, rgb_images):
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(after[0][valid], before[0][valid], rtol=0, atol=0)
     torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)
+
+
+def test_mask_function_builds_nothing_for_tree_batches_and_the_sdpa_mask_otherwise():
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    from r3v_fast.model.tree_attention import _tree_mask
+
+    common = dict(batch_size=2, q_length=5, kv_length=5, kv_offset=0, mask_function=causal_mask_function,
+                  allow_is_causal_skip=True, dtype=torch.float32, device=torch.device("cpu"))
+    assert _tree_mask(attention_mask=None, **common) is None
+    padding = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(_tree_mask(attention_mask=padding, **common), sdpa_mask(attention_mask=padding, **common))
