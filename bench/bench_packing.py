@@ -216,7 +216,6 @@ def test_gpu_qwen2vl_2b_shape_tree_vs_none():
     config = Qwen2VLConfig(text_config=QWEN2VL_2B_TEXT, vision_config=QWEN2VL_2B_VISION,
                            image_token_id=IMAGE_TOKEN, video_token_id=IMAGE_TOKEN + 1,
                            vision_start_token_id=IMAGE_TOKEN - 3, vision_end_token_id=IMAGE_TOKEN - 2)
-    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
