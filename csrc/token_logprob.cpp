@@ -210,17 +210,12 @@ void backward_epilogue(const TokenLogprobProblem& p, float* zt, long v0, long nv
     const long k = p.targets[t0 + t] - v0;
     if (k >= 0 && k < nv) zt[k * MC + t] += grad[t0 + t] * target_slope[t];
   }
-  if (grad_bias) {
-    for (long v = 0; v < nv; ++v) {  // fixed order: 16-lane partial sums over token groups, then lanes
-      alignas(64) float lanes[kLanes];
-      vf acc = vzero();
-      for (long c0 = 0; c0 < nt; c0 += kLanes) acc = vadd(acc, vload_n(zt + v * MC + c0, int(std::min<long>(kLanes, nt - c0))));
-      vstore(lanes, acc);
-      float s = 0.0f;
-      for (int i = 0; i < kLanes; ++i) s += lanes[i];
-      grad_bias[v0 + v] += s;
+  if (grad_bias)  // in token order, so db does not depend on how tokens are blocked
+    for (long v = 0; v < nv; ++v) {
+      float s = grad_bias[v0 + v];
+      for (long t = 0; t < nt; ++t) s += zt[v * MC + t];
+      grad_bias[v0 + v] = s;
     }
-  }
 }
 
 int team_size(int requested) {
@@ -246,12 +241,25 @@ int thread_count() {
 #endif
 }
 
+// Thread `tid` of `nthr` owns tokens [begin, end): whole 64-token panels, evenly split.
+struct TokenRange { long begin, end; };
+TokenRange token_range(long N, long panels, int nthr, int tid) {
+  return {range_begin(panels, nthr, tid) * NR, std::min(N, range_begin(panels, nthr, tid + 1) * NR)};
+}
+
+// Backward with dW: tokens are processed in chunks so that the dH partials of threads 1..T-1
+// hold about one dH in total ((T-1) x chunk x D <= N x D); with 2 threads one chunk is all.
+long backward_chunk_tokens(long N, int threads, bool partials) {
+  const long panels = ceil_div(N, NR);
+  return partials && threads > 2 ? std::max(1L, panels / (threads - 1)) * NR : panels * NR;
+}
+
 }  // namespace
 
 void token_logprob_fwd(const TokenLogprobProblem& p, float* logp, float* lse, int num_threads) {
   if (p.N == 0) return;
-  const long token_blocks = ceil_div(p.N, MC), vocab_blocks = ceil_div(p.V, NC);
-  const int threads = int(std::min<long>(team_size(num_threads), token_blocks));
+  const long panels = ceil_div(p.N, NR), vocab_blocks = ceil_div(p.V, NC);
+  const int threads = int(std::min<long>(team_size(num_threads), panels));
   Buffer hp = pack_hidden(p, threads);
   // lse holds the running max and logp the target logit until the final combine.
   std::vector<float> run_sum(size_t(p.N), 0.0f);
@@ -261,13 +269,13 @@ void token_logprob_fwd(const TokenLogprobProblem& p, float* logp, float* lse, in
   for (int i = 0; i < threads; ++i) tiles.push_back(alloc_floats(size_t(NC * MC)));
 #pragma omp parallel num_threads(threads)
   {
-    const int tid = thread_id(), nthr = thread_count();
-    const long b0 = range_begin(token_blocks, nthr, tid), b1 = range_begin(token_blocks, nthr, tid + 1);
+    const int tid = thread_id();
+    const TokenRange own = token_range(p.N, panels, thread_count(), tid);
     float* zt = tiles[tid].get();
-    for (long vb = 0; vb < vocab_blocks; ++vb) {
+    for (long vb = 0; vb < vocab_blocks; ++vb) {  // vocabulary order fixed for every token
       const long v0 = vb * NC, nv = std::min(NC, p.V - v0);
-      for (long tb = b0; tb < b1; ++tb) {
-        const long t0 = tb * MC, nt = std::min(MC, p.N - t0);
+      for (long t0 = own.begin; t0 < own.end; t0 += MC) {
+        const long nt = std::min(MC, own.end - t0);
         logits_tile(p, hp.get(), v0, nv, t0, nt, zt);
         forward_epilogue(p, zt, v0, nv, t0, nt, lse, run_sum.data(), logp);
       }
@@ -287,60 +295,68 @@ void token_logprob_bwd(const TokenLogprobProblem& p, const float* lse, const flo
     if (grad_bias) std::memset(grad_bias, 0, sizeof(float) * size_t(p.V));
     if (p.N == 0) return;
   }
-  const long token_blocks = ceil_div(p.N, MC), vocab_blocks = ceil_div(p.V, NC);
+  const long panels = ceil_div(p.N, NR), vocab_blocks = ceil_div(p.V, NC), D = p.D;
   // dW / db need vocab ownership; with only dH, threads own tokens and need no partials.
   const bool by_vocab = grad_weight || grad_bias;
-  const int threads = int(std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : token_blocks));
+  const int threads = int(std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : panels));
+  const bool partials = by_vocab && grad_hidden && threads > 1;
+  const long chunk = by_vocab ? backward_chunk_tokens(p.N, threads, partials) : p.N;
+  const long d_padded = ceil_div(D, NR) * NR;
   Buffer hp = pack_hidden(p, threads);
-  const long d_padded = ceil_div(p.D, NR) * NR;
   Buffer hc;  // H in column panels [D/NR][N][NR]: GEMM2's B operand
   if (grad_weight) {
     hc = alloc_floats(size_t(p.N * d_padded));
-    pack_column_panels(p.hidden, p.N, p.D, hc.get());
+    pack_column_panels(p.hidden, p.N, D, hc.get());
   }
-  std::vector<Buffer> dh_partial;  // thread i > 0 accumulates dH into dh_partial[i - 1]
-  if (by_vocab && grad_hidden)
-    for (int i = 1; i < threads; ++i) dh_partial.push_back(alloc_floats(size_t(p.N * p.D)));
   if (grad_bias) std::memset(grad_bias, 0, sizeof(float) * size_t(p.V));
-  std::vector<Buffer> tiles, w_blocks;  // per thread: dZT tile; a W block in column panels
+  std::vector<Buffer> tiles, w_blocks, dh_partial;  // per thread; dh_partial[i - 1] for thread i
   for (int i = 0; i < threads; ++i) {
     tiles.push_back(alloc_floats(size_t(NC * MC)));
     if (grad_hidden) w_blocks.push_back(alloc_floats(size_t(NC * d_padded)));
+    if (partials && i > 0) dh_partial.push_back(alloc_floats(size_t(chunk * D)));
   }
-  int team = 1;
+  for (long c0 = 0; c0 < p.N; c0 += chunk) {  // one chunk unless > 2 threads compute dH and dW
+    const long c1 = std::min(p.N, c0 + chunk);
+    int team = 1;
 #pragma omp parallel num_threads(threads)
-  {
-    const int tid = thread_id(), nthr = thread_count();
-    if (tid == 0) team = nthr;
-    const long parts = by_vocab ? vocab_blocks : token_blocks;
-    const long r0 = range_begin(parts, nthr, tid), r1 = range_begin(parts, nthr, tid + 1);
-    const long vb0 = by_vocab ? r0 : 0, vb1 = by_vocab ? r1 : vocab_blocks;
-    const long tb0 = by_vocab ? 0 : r0, tb1 = by_vocab ? token_blocks : r1;
-    float* dh = grad_hidden ? (tid == 0 || !by_vocab ? grad_hidden : dh_partial[tid - 1].get()) : nullptr;
-    float* zt = tiles[tid].get();
-    float* wc = dh ? w_blocks[tid].get() : nullptr;
-    for (long vb = vb0; vb < vb1; ++vb) {
-      const long v0 = vb * NC, nv = std::min(NC, p.V - v0);
-      if (dh) pack_column_panels(p.weight + v0 * p.D, nv, p.D, wc);
-      for (long tb = tb0; tb < tb1; ++tb) {
-        const long t0 = tb * MC, nt = std::min(MC, p.N - t0);
-        logits_tile(p, hp.get(), v0, nv, t0, nt, zt);
-        backward_epilogue(p, zt, v0, nv, t0, nt, lse, grad_logp, grad_bias);
-        if (grad_weight)  // GEMM2: first token block writes, later ones accumulate
-          gemm(nv, p.D, nt, zt, MC, 1, hc.get() + t0 * NR, NR, p.N * NR, grad_weight + v0 * p.D, p.D, tb > 0);
-        if (dh)  // GEMM3: this thread's first vocab block writes, later ones accumulate
-          gemm(nt, p.D, nv, zt, 1, MC, wc, NR, nv * NR, dh + t0 * p.D, p.D, vb > vb0);
+    {
+      const int tid = thread_id(), nthr = thread_count();
+      if (tid == 0) team = nthr;
+      long vb0 = 0, vb1 = vocab_blocks;
+      TokenRange own{c0, c1};
+      if (by_vocab) vb0 = range_begin(vocab_blocks, nthr, tid), vb1 = range_begin(vocab_blocks, nthr, tid + 1);
+      else own = token_range(p.N, panels, nthr, tid);
+      // Thread 0 (and every thread when owning tokens) writes dH rows directly; others into
+      // their partial, whose row 0 is token c0.
+      const bool direct = tid == 0 || !by_vocab;
+      float* dh = !grad_hidden ? nullptr : direct ? grad_hidden : dh_partial[tid - 1].get();
+      const long dh_row0 = direct ? 0 : c0;
+      float* zt = tiles[tid].get();
+      float* wc = dh ? w_blocks[tid].get() : nullptr;
+      for (long vb = vb0; vb < vb1; ++vb) {
+        const long v0 = vb * NC, nv = std::min(NC, p.V - v0);
+        if (dh) pack_column_panels(p.weight + v0 * D, nv, D, wc);
+        for (long t0 = own.begin; t0 < own.end; t0 += MC) {
+          const long nt = std::min(MC, own.end - t0);
+          logits_tile(p, hp.get(), v0, nv, t0, nt, zt);
+          backward_epilogue(p, zt, v0, nv, t0, nt, lse, grad_logp, grad_bias);
+          if (grad_weight)  // GEMM2: the first token block writes, later ones accumulate in token order
+            gemm(nv, D, nt, zt, MC, 1, hc.get() + t0 * NR, NR, p.N * NR, grad_weight + v0 * D, D, t0 > 0);
+          if (dh)  // GEMM3: this thread's first vocab block writes, later ones accumulate
+            gemm(nt, D, nv, zt, 1, MC, wc, NR, nv * NR, dh + (t0 - dh_row0) * D, D, vb > vb0);
+        }
       }
     }
-  }
-  if (!dh_partial.empty() && team > 1) {  // dH = partial_0 + partial_1 + ..., in thread order
-    const long total = p.N * p.D;
+    if (partials && team > 1) {  // dH rows of the chunk += partial_1 + partial_2 + ..., in thread order
+      const long total = (c1 - c0) * D;
+      float* out = grad_hidden + c0 * D;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = 0; i < total; i += 4096) {
-      const long end = std::min(total, i + 4096);
-      for (int j = 0; j < team - 1; ++j) {
-        const float* src = dh_partial[j].get();
-        for (long e = i; e < end; ++e) grad_hidden[e] += src[e];
+      for (long i = 0; i < total; i += 4096) {
+        const long end = std::min(total, i + 4096);
+        for (int j = 0; j < team - 1; ++j) {
+          const float* src = dh_partial[j].get();
+          for (long e = i; e < end; ++e) out[e] += src[e];
+        }
       }
     }
   }
@@ -349,15 +365,15 @@ void token_logprob_bwd(const TokenLogprobProblem& p, const float* lse, const flo
 int64_t token_logprob_workspace_bytes(int64_t N, int64_t D, int64_t V, int num_threads, bool backward,
                                       bool need_hidden, bool need_weight, bool need_bias) {
   if (N == 0) return 0;
-  const long token_blocks = ceil_div(N, MC), vocab_blocks = ceil_div(V, NC);
+  const long panels = ceil_div(N, NR), vocab_blocks = ceil_div(V, NC), d_padded = ceil_div(D, NR) * NR;
   const bool by_vocab = backward && (need_weight || need_bias);
-  const long threads = std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : token_blocks);
-  const long d_padded = ceil_div(D, NR) * NR;
-  int64_t floats = ceil_div(N, NR) * NR * D + threads * NC * MC;  // Hp, logit tiles
-  if (!backward) floats += N;                                     // running sums
-  if (backward && need_hidden) floats += threads * NC * d_padded;   // packed W blocks
-  if (backward && need_weight) floats += N * d_padded;              // Hc
-  if (by_vocab && need_hidden) floats += (threads - 1) * N * D;
+  const long threads = std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : panels);
+  const bool partials = by_vocab && need_hidden && threads > 1;
+  int64_t floats = panels * NR * D + threads * NC * MC;                       // Hp, logit tiles
+  if (!backward) floats += N;                                                 // running sums
+  if (backward && need_hidden) floats += threads * NC * d_padded;             // packed W blocks
+  if (backward && need_weight) floats += N * d_padded;                        // Hc
+  if (partials) floats += (threads - 1) * backward_chunk_tokens(N, int(threads), true) * D;  // dH partials
   return floats * int64_t(sizeof(float));
 }
 

@@ -149,24 +149,29 @@ def test_bitwise_deterministic_across_calls():
         assert torch.equal(x, y)
 
 
-def test_thread_count_changes_only_the_hidden_gradient_rounding():
+@pytest.mark.parametrize("threads", [2, 5])
+def test_thread_count_changes_only_the_hidden_gradient_rounding(threads):
     # Forward, dW and db keep one summation order whatever the thread count; dH is summed
-    # from per-thread partials (bitwise stable only for a fixed count).
-    hidden, weight, b, targets, grad = _problem(400, 40, 300, bias=True, seed=4)
-    threads = torch.get_num_threads()
+    # from per-thread partials (bitwise stable only for a fixed count). 5 threads exercise
+    # the token chunks that bound the partials (more than 2 threads computing dH and dW).
+    hidden, weight, b, targets, grad = _problem(400, 40, 1000, bias=True, seed=4)
+    default = torch.get_num_threads()
     try:
         results = []
-        for count in (1, 2):
+        for count in (1, threads):
             torch.set_num_threads(count)
             logp, lse = cpp_backend.token_logprob_fwd(hidden, weight, b, targets, 0.0)
             results.append((logp, lse, *cpp_backend.token_logprob_bwd(hidden, weight, b, targets, lse, grad,
                                                                       0.0, True, True, True)))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(default)
     (lp1, lse1, dh1, dw1, db1), (lp2, lse2, dh2, dw2, db2) = results
     assert torch.equal(lp1, lp2) and torch.equal(lse1, lse2)
     assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
     torch.testing.assert_close(dh1, dh2, atol=1e-6, rtol=1e-5)
+    ref = _autograd(hidden, weight, b, targets, grad, 0.0, torch.float64)
+    eager = _autograd(hidden, weight, b, targets, grad, 0.0, torch.float32)
+    _check_close("dH", dh2, ref[2], eager[2])
 
 
 def test_empty_inputs():
