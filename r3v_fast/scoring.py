@@ -23,7 +23,7 @@ import torch
 from r3v_fast.engine.examples import Example, tokenize_examples
 from r3v_fast.engine.packing import PackedBatch, pack
 from r3v_fast.model.loading import lm_head_and_backbone, pad_id
-from r3v_fast.model.tree_attention import enable_tree_attention
+from r3v_fast.model.tree_attention import ATTENTION_NAME, enable_tree_attention
 from r3v_fast.ops import segment_logprob
 
 __all__ = ["TargetLogprobs", "sequence_logprobs"]
@@ -42,11 +42,15 @@ class TargetLogprobs(torch.nn.Module):
         self.model = model
         enable_tree_attention(model)
         lm_head_and_backbone(model)   # fail early on a model without the expected structure
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._text_config = base.config.get_text_config()
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         # Looked up per call rather than stored: a second reference to lm_head would register it
         # twice (duplicate state-dict keys, shared modules under FSDP).
         lm_head, backbone = lm_head_and_backbone(self.model)
+        if batch.tree is not None and self._text_config._attn_implementation != ATTENTION_NAME:
+            enable_tree_attention(self.model)   # switched away meanwhile (e.g. by a sampler)
         hidden = backbone(**batch.model_inputs())                           # [B, T, D]
         states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)  # [N, D]
         logp = segment_logprob(states, lm_head.weight, batch.target_ids, batch.segment_ids,

@@ -182,3 +182,15 @@ def test_qwen2_5vl_tree_logprobs_equal_separate_forwards(tiny_qwen2_5vl_dir, rgb
     with torch.no_grad():
         got = sequence_logprobs(model, processor, examples, packing="tree")
     assert_matches_reference(got, reference_model, processor, examples)
+
+
+def test_tree_batches_switch_the_decoder_back_to_tree_attention(setup):
+    kind, model, reference_model, processor, examples = setup
+    wrapper = TargetLogprobs(model)
+    language_model = model.model.language_model
+    language_model.set_attn_implementation("sdpa")      # e.g. left so by another component
+    batch, = pack(tokenize_examples(processor, examples[:5], max_length=10_000)[0], mode="tree", max_tokens=10_000)
+    with torch.no_grad():
+        got = torch.zeros(5).index_put((batch.example_index,), wrapper(batch)[0])
+    assert model.config.get_text_config()._attn_implementation == "r3v_tree"
+    assert_matches_reference(got, reference_model, processor, examples[:5])
