@@ -17,14 +17,16 @@
 // B operands are packed so each K x 64 sliver is one contiguous stream: H twice per call (Hp:
 // 64-token panels, d-major, for GEMM1; Hc: 64-wide column panels, for GEMM2) and each W block
 // once per vocabulary block (for GEMM3). Scratch: 2 x N x D floats + per-thread tiles, plus
-// one N x D dH partial per extra thread when dW is wanted (see workspace_bytes).
+// about one N x D of dH partials when both dH and dW are wanted (token_logprob_workspace_bytes).
 //
-// Threads and determinism. Forward: each thread owns a range of token blocks and walks the
-// vocabulary blocks in order, so every token's online logsumexp sees the same order for any
-// thread count. Backward with dW/db: each thread owns a range of vocab blocks (its dW/db rows
-// are accumulated over token blocks in order) and writes dH into its own partial buffer,
-// summed in thread order at the end: bitwise reproducible for a fixed thread count. Backward
-// with only dH: threads own token blocks, like the forward. No atomics anywhere.
+// Threads and determinism (no atomics anywhere). Forward: each thread owns a range of 64-token
+// panels and walks the vocabulary blocks in order; a token's result never depends on which
+// thread or block holds it, so the forward is bitwise identical for any thread count.
+// Backward with dW/db: each thread owns a range of vocabulary blocks; dW and db rows
+// accumulate over tokens in token order (again independent of the thread count), while dH
+// goes to per-thread partials summed in thread order at the end: bitwise reproducible for a
+// fixed thread count. With more than 2 threads, tokens are processed in chunks so that the
+// partials stay about one dH in size. Backward with only dH: threads own tokens, no partials.
 #include "token_logprob.h"
 
 #include <algorithm>

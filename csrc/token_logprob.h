@@ -21,7 +21,8 @@ void token_logprob_fwd(const TokenLogprobProblem& p, float* logp, float* lse, in
 
 // With dz = grad_logp * (onehot(target) - softmax(z)) (times 1 - tanh^2 when capped):
 // grad_hidden[N, D] = dz @ W, grad_weight[V, D] = dz^T @ H, grad_bias[V] = sum_n dz.
-// A null output is not computed. Bitwise deterministic for a fixed thread count.
+// A null output is not computed. grad_weight / grad_bias are bitwise identical for any thread
+// count, grad_hidden for a fixed thread count (per-thread partials, summed in thread order).
 void token_logprob_bwd(const TokenLogprobProblem& p, const float* lse, const float* grad_logp,
                        float* grad_hidden, float* grad_weight, float* grad_bias, int num_threads);
 

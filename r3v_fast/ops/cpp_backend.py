@@ -8,7 +8,8 @@ r3v_fast/ops/ dispatches here on the CPU when ``available()``.
 Numerics (csrc/token_logprob.cpp): fp32 accumulation of every dot product, of the
 logsumexp and of dW/db; the target logit is taken from the fp32 tile before any rounding.
 The [N, V] logits are never stored; backward recomputes them tile by tile. Results are
-bitwise reproducible for a fixed ``torch.get_num_threads()`` (the forward for any count).
+bitwise reproducible for a fixed ``torch.get_num_threads()``; logp, lse, d weight and d bias
+even for any thread count (only d hidden sums per-thread partials).
 """
 
 from __future__ import annotations
