@@ -1,0 +1,257 @@
+"""Shared-prefix sampler on tiny random Qwen2-VL and LLaVA (fp32), against plain HF references.
+
+References share no code with the sampler: ``model.generate`` (greedy, one prompt at a time)
+for token ids, and a plain teacher-forced forward of prompt + sampled tokens (the model's own
+positions, M-RoPE included) for log-probabilities. Prompts have different lengths (different
+image sizes for Qwen2-VL, different questions for both) and run in one batch.
+"""
+
+import pytest
+import torch
+
+from r3v_fast.data import prompts
+from r3v_fast.data.records import Record
+from r3v_fast.engine import evaluation
+from r3v_fast.engine.sampler import HFSampler, Request, SamplingParams, load_images
+from r3v_fast.engine.shared_sampler import SharedPrefixSampler
+from r3v_fast.model.loading import load_vlm, pad_id
+
+QUESTIONS = ["How many red objects are there?",
+             "Remove all circles. How many objects are left? Count the squares first.",
+             "How many?"]
+GREEDY = SamplingParams(k=1, temperature=0.0, max_new_tokens=12)
+# Tests of sampling logic that does not depend on the model family run on Qwen2-VL only (the
+# M-RoPE case); everything that involves positions or the cache runs on both families.
+qwen_only = pytest.mark.parametrize("setup", ["qwen2vl"], indirect=True)
+
+
+@pytest.fixture(scope="module", params=["qwen2vl", "llava"])
+def setup(request, rgb_images, tmp_path_factory):
+    model, processor = load_vlm(request.getfixturevalue(f"tiny_{request.param}_dir"))
+    folder = tmp_path_factory.mktemp(f"images_{request.param}")
+    records = []
+    for i, (image, question) in enumerate(zip(rgb_images, QUESTIONS)):
+        path = folder / f"{i}.png"
+        image.save(path)
+        records.append(Record(id=str(i), image=str(path), question=question, answer="1", dataset="shapes-math"))
+    requests = [Request(prompts.render(processor, prompts.cot_messages(r)), r.image) for r in records]
+    return model, processor, records, requests
+
+
+def _sampler(model, processor, **kwargs):
+    return SharedPrefixSampler(model, processor, show_progress=False, backend="torch", **kwargs)
+
+
+def _inputs(processor, request):
+    return processor(text=[request.prompt], images=load_images([request]), return_tensors="pt")
+
+
+@torch.no_grad()
+def _generate_greedy(model, processor, request, max_new_tokens, stop_ids):
+    """HF generate, greedy, this prompt alone: new token ids cut after the first stop token."""
+    inputs = _inputs(processor, request)
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                         pad_token_id=pad_id(processor))
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    end = next((i + 1 for i, t in enumerate(new) if t in stop_ids), len(new))
+    return new[:end]
+
+
+@torch.no_grad()
+def _teacher_forced_logprobs(model, processor, request, tokens):
+    """log p(token_t | prompt, tokens_<t) from one plain forward of prompt + tokens."""
+    inputs = dict(_inputs(processor, request))
+    prompt_len = inputs["input_ids"].shape[1]
+    extra = torch.tensor([tokens])
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "mm_token_type_ids" in inputs:   # text tokens are type 0
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+    logits = model(**inputs).logits[0, prompt_len - 1:prompt_len - 1 + len(tokens)].double()
+    return torch.log_softmax(logits, -1).gather(1, extra.T).view(-1)
+
+
+def test_greedy_k1_equals_hf_generate_for_a_batch_of_different_lengths(setup):
+    model, processor, _, requests = setup
+    sampler = _sampler(model, processor, batch_size=3)
+    lengths = {len(_inputs(processor, r)["input_ids"][0]) for r in requests}
+    assert len(lengths) == 3                      # three prompt lengths in one batch
+    outputs = sampler._sample_branches(requests, GREEDY)
+    assert sampler.last_stats["groups"] == 1
+    for request, (branch,) in zip(requests, outputs):
+        expected = _generate_greedy(model, processor, request, GREEDY.max_new_tokens, sampler.stop_ids)
+        assert branch.tokens == expected
+        assert branch.text == processor.batch_decode([expected], skip_special_tokens=True)[0]
+    # The text API agrees with HFSampler.
+    hf = HFSampler(model, processor, batch_size=1, show_progress=False)
+    assert sampler.sample(requests, GREEDY) == hf.sample(requests, GREEDY)
+
+
+@qwen_only
+def test_k_greedy_branches_all_equal_the_greedy_output(setup):
+    model, processor, _, requests = setup
+    sampler = _sampler(model, processor, batch_size=3)
+    single = sampler._sample_branches(requests, GREEDY)
+    branches = sampler._sample_branches(requests, SamplingParams(k=4, temperature=0.0, max_new_tokens=12))
+    for (expected,), got in zip(single, branches):
+        assert len(got) == 4 and all(b.tokens == expected.tokens for b in got)
+
+
+def test_stop_tokens_end_branches_at_different_lengths(setup):
+    """Early stops (a made-up stop set) with compaction every other step still give exactly
+    the HF greedy tokens, cut after the stop token."""
+    model, processor, _, requests = setup
+    sampler = _sampler(model, processor, batch_size=3, sync_every=2)
+    free = [b.tokens for (b,) in sampler._sample_branches(requests, SamplingParams(k=1, temperature=0.0,
+                                                                                  max_new_tokens=16))]
+    stop_ids = sorted({free[0][2], free[1][6]})
+    sampler.stop_ids = stop_ids
+    got = [b.tokens for (b,) in sampler._sample_branches(requests, SamplingParams(k=1, temperature=0.0,
+                                                                                 max_new_tokens=16))]
+    expected = [_generate_greedy(model, processor, r, 16, stop_ids) for r in requests]
+    assert got == expected
+    assert len({len(t) for t in got}) > 1 and min(len(t) for t in got) < 16
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 0.8)])
+def test_sampled_logprobs_equal_teacher_forced_logprobs(setup, top_k, top_p):
+    model, processor, _, requests = setup
+    sampler = _sampler(model, processor, batch_size=3, sync_every=3)
+    sampler.stop_ids = list(range(100, 140))        # about 8% stop chance per token: ragged ends
+    params = SamplingParams(k=3, temperature=1.3, top_k=top_k, top_p=top_p, max_new_tokens=14, seed=5)
+    outputs = sampler._sample_branches(requests, params)
+    for request, branches in zip(requests, outputs):
+        assert len(branches) == 3
+        for branch in branches:
+            assert 1 <= len(branch.tokens) <= 14 and len(branch.logprobs) == len(branch.tokens)
+            assert all(t not in sampler.stop_ids for t in branch.tokens[:-1])
+            expected = _teacher_forced_logprobs(model, processor, request, branch.tokens)
+            got = torch.tensor(branch.logprobs, dtype=torch.float64)
+            assert torch.all((got - expected).abs() <= 1e-5 * expected.abs()), (got, expected)
+    assert sampler.last_stats["generated_tokens"] == sum(len(b.tokens) for bs in outputs for b in bs)
+
+
+@qwen_only
+def test_top_k_one_and_tiny_top_p_are_greedy(setup):
+    model, processor, _, requests = setup
+    sampler = _sampler(model, processor, batch_size=3)
+    greedy = [b.tokens for (b,) in sampler._sample_branches(requests, GREEDY)]
+    for params in (SamplingParams(k=2, temperature=1.0, top_k=1, max_new_tokens=12, seed=1),
+                   SamplingParams(k=2, temperature=1.0, top_k=0, top_p=1e-9, max_new_tokens=12, seed=1)):
+        for expected, branches in zip(greedy, sampler._sample_branches(requests, params)):
+            assert [b.tokens for b in branches] == [expected, expected]
+
+
+@qwen_only
+def test_sampled_tokens_stay_in_the_top_k(setup):
+    model, processor, _, requests = setup
+    sampler = _sampler(model, processor, batch_size=3)
+    params = SamplingParams(k=2, temperature=2.0, top_k=3, top_p=1.0, max_new_tokens=6, seed=2)
+    for request, branches in zip(requests, sampler._sample_branches(requests, params)):
+        for branch in branches:
+            inputs = dict(_inputs(processor, request))
+            prompt_len = inputs["input_ids"].shape[1]
+            extra = torch.tensor([branch.tokens])
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            if "mm_token_type_ids" in inputs:
+                inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+            with torch.no_grad():
+                logits = model(**inputs).logits[0, prompt_len - 1:prompt_len - 1 + len(branch.tokens)]
+            top3 = logits.topk(3, dim=-1).indices
+            assert all(t in top3[i].tolist() for i, t in enumerate(branch.tokens))
+
+
+@qwen_only
+def test_seed_reproduces_and_changes_the_draws(setup):
+    model, processor, _, requests = setup
+    sampler = _sampler(model, processor, batch_size=2)
+    params = SamplingParams(k=3, temperature=1.0, max_new_tokens=8, seed=7)
+    first = sampler.sample(requests, params)
+    assert [len(t) for t in first] == [3, 3, 3]
+    assert sampler.sample(requests, params) == first
+    assert sampler.sample(requests, SamplingParams(**{**params.__dict__, "seed": 8})) != first
+    assert len({t for texts in first for t in texts}) > 1       # branches differ from each other
+
+
+def test_select_branch_equals_from_scratch_greedy_of_the_select_prompt(setup):
+    model, processor, records, requests = setup
+    sampler = _sampler(model, processor, batch_size=2)          # two groups: 2 + 1 questions
+    hf = HFSampler(model, processor, batch_size=1, show_progress=False)
+
+    def select_request(i, candidates):
+        return Request(prompts.render(processor, prompts.select_messages(records[i], candidates)), records[i].image)
+
+    params = SamplingParams(k=3, temperature=1.0, max_new_tokens=10, seed=4)
+    select_params = SamplingParams(k=1, temperature=0.0, max_new_tokens=8)
+    greedy, candidates, selects = evaluation.sample_and_select(sampler, requests, params, select_request, [2, 3],
+                                                               select_params)
+    assert sampler.last_stats["groups"] == 2
+    assert greedy == [t[0] for t in hf.sample(requests, SamplingParams(k=1, temperature=0.0, max_new_tokens=10))]
+    assert [len(c) for c in candidates] == [3, 3, 3] and sorted(selects) == [2, 3]
+    for k in (2, 3):
+        assert len(selects[k]) == 3
+        expected = hf.sample([select_request(i, candidates[i][:k]) for i in range(3)], select_params)
+        assert selects[k] == [t[0] for t in expected]
+    # The candidates are the ones plain sampling with the same seed and groups gives, after the greedy branch.
+    assert all(len(set(c)) > 1 for c in candidates)
+
+
+@qwen_only
+def test_sample_and_select_shapes_without_sampling_or_select(setup):
+    model, processor, records, requests = setup
+    sampler = _sampler(model, processor, batch_size=3)
+    greedy, candidates, selects = sampler.sample_and_select(
+        requests, SamplingParams(k=1, temperature=0.9, max_new_tokens=6), select_request=None, select_ks=[],
+        select_params=GREEDY)
+    assert candidates == [[g] for g in greedy] and selects == {}
+    greedy3, candidates3, _ = sampler.sample_and_select(
+        requests, SamplingParams(k=3, temperature=0.0, max_new_tokens=6), select_request=None, select_ks=[],
+        select_params=GREEDY)
+    assert greedy3 == greedy and candidates3 == [[g] * 3 for g in greedy]
+
+
+@qwen_only
+def test_select_prompt_without_the_shared_prefix_falls_back_to_a_fresh_decode(setup, tmp_path):
+    model, processor, records, requests = setup
+    sampler = _sampler(model, processor, batch_size=3)
+    other_image = tmp_path / "other.png"
+    load_images([requests[1]])[0].save(other_image)
+
+    def select_request(i, candidates):   # question 0's select prompt shows another image file
+        image = str(other_image) if i == 0 else records[i].image
+        return Request(prompts.render(processor, prompts.select_messages(records[i], candidates)), image)
+
+    select_params = SamplingParams(k=1, temperature=0.0, max_new_tokens=6)
+    _, candidates, selects = sampler.sample_and_select(
+        requests, SamplingParams(k=2, temperature=1.0, max_new_tokens=6, seed=1), select_request=select_request,
+        select_ks=[2], select_params=select_params)
+    hf = HFSampler(model, processor, batch_size=1, show_progress=False)
+    expected = hf.sample([select_request(i, candidates[i]) for i in range(3)], select_params)
+    assert selects[2] == [t[0] for t in expected]
+
+
+def test_token_budget_splits_groups_and_kv_is_prefix_plus_branches(setup):
+    model, processor, _, requests = setup
+    text = model.config.get_text_config()
+    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    lengths = [len(_inputs(processor, r)["input_ids"][0]) for r in requests]
+    params = SamplingParams(k=3, temperature=1.0, max_new_tokens=10, seed=0)
+    sampler = _sampler(model, processor, batch_size=8)
+    sampler.stop_ids = []                                   # forced length: every branch gets 10 tokens
+    sampler.sample(requests, params)
+    assert sampler.last_stats["groups"] == 1
+    # One padded prefix per question + 3 branches x 10 tokens, never 3 copies of the prompt.
+    assert sampler.last_stats["peak_kv_bytes"] == per_token * 3 * (max(lengths) + 3 * 10)
+    budget = lengths[0] + lengths[1] + 2 * 3 * 10           # the first two questions fit, the third does not
+    split = _sampler(model, processor, batch_size=8, max_batch_tokens=budget)
+    split.stop_ids = []
+    split.sample(requests, params)
+    assert split.last_stats["groups"] == 2
+
+
+@qwen_only
+def test_missing_image_is_a_clear_error(setup, tmp_path):
+    model, processor, _, requests = setup
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        _sampler(model, processor).sample([Request(requests[0].prompt, str(tmp_path / "nope.png"))], GREEDY)
