@@ -94,7 +94,8 @@ class SharedPrefixSampler:
     """Shared-prefix sampler: the ``Sampler`` protocol plus ``sample_and_select``."""
 
     def __init__(self, model, processor, *, batch_size: int = 8, show_progress: bool = True,
-                 max_batch_tokens: int | None = None, sync_every: int = 8, backend: str = "auto"):
+                 max_batch_tokens: int | None = None, sync_every: int = 8, backend: str = "auto",
+                 cuda_graphs: bool | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if sync_every < 1:
@@ -106,6 +107,7 @@ class SharedPrefixSampler:
         self.max_batch_tokens = max_batch_tokens
         self.sync_every = sync_every
         self.backend = backend
+        self.cuda_graphs = cuda_graphs
         self.stop_ids = sorted({end_of_turn_id(processor), processor.tokenizer.eos_token_id} - {None})
         self.pad_id = pad_id(processor)
         self.lm_head, self.backbone = lm_head_and_backbone(model)
@@ -237,7 +239,9 @@ class SharedPrefixSampler:
         positions, next_positions = self._prompt_positions(inputs, lengths)
         model_inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
         cache.begin_prefill()
-        hidden = self._forward(cache, positions, **model_inputs)                   # [N, P_max, D]
+        # No r3v_prefix keyword: the decoder's attention is then plain causal SDPA (right padding
+        # needs no mask) and the vision tower sees no foreign keyword; the cache still stores.
+        hidden = self._forward(cache, positions, attend=False, **model_inputs)     # [N, P_max, D]
         last = hidden[torch.arange(len(group), device=device), lengths - 1]        # [N, D]
         first_logits = self.lm_head(last).float()                                  # [N, V]
         del hidden, last, inputs, model_inputs
@@ -273,12 +277,14 @@ class SharedPrefixSampler:
         positions, deltas = self.rope_index(input_ids, attention_mask=valid.long(), **extra)  # [3, N, P], [N, 1]
         return positions, lengths + deltas.view(-1).to(lengths.device)
 
-    def _forward(self, cache: SharedPrefixCache, positions: torch.Tensor, **inputs) -> torch.Tensor:
+    def _forward(self, cache: SharedPrefixCache, positions: torch.Tensor, *, attend: bool = True,
+                 **inputs) -> torch.Tensor:
         """Backbone forward through the cache: positions [R, L] (text) or [3, R, L] -> hidden [R, L, D]."""
         if self.rope_index is not None and positions.dim() == 2:
             positions = positions.unsqueeze(0).expand(3, -1, -1)     # text tokens: t = h = w position
-        return self.backbone(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
-                             r3v_prefix=cache)
+        if attend:
+            inputs["r3v_prefix"] = cache
+        return self.backbone(**inputs, position_ids=positions, past_key_values=cache, use_cache=True)
 
     # ------------------------------------------------------------------------- decoding
     def _decode(self, cache: SharedPrefixCache, first_logits: torch.Tensor, start_positions: torch.Tensor,
@@ -310,6 +316,9 @@ class SharedPrefixSampler:
         finished = torch.isin(token, stop_ids)                                        # [Q, K]
         longest, steps = start_len, 1
         limit = start_len + max_new_tokens
+        runner = _DecodeRunner(self, cache, self._use_graphs(device))
+        if runner.use_graph:   # fixed buffers for the graph: reserve the whole phase up front
+            cache.ensure_capacity(limit - 1, limit=limit)
         while steps < max_new_tokens:
             if steps % self.sync_every == 0:
                 done = finished.cpu()                                                 # the host sync
@@ -325,12 +334,9 @@ class SharedPrefixSampler:
                     out_q, out_b = out_q[rows, branches], out_b[rows, branches]
                     start_positions = start_positions[questions]
                     num_q, num_b = branches.shape
+                    runner.new_layout()
             cache.ensure_capacity(longest + 1, limit=limit)
-            cache.begin_decode()
-            positions = start_positions[:, None] + cache.suffix_lens                 # [Q, K]
-            hidden = self._forward(cache, positions.reshape(-1, 1), input_ids=token.reshape(-1, 1))
-            cache.end_decode()
-            logits = self.lm_head(hidden[:, -1]).float()                              # [Q*K, V]
+            logits = runner.step(token, start_positions)                              # [Q*K, V]
             token, logprob = self._pick(logits, row_temps.reshape(-1), params, generator, any_sampled)
             token, logprob = token.view(num_q, num_b), logprob.view(num_q, num_b)
             out_tokens[out_q, out_b, steps], out_logprobs[out_q, out_b, steps] = token, logprob
@@ -350,6 +356,21 @@ class SharedPrefixSampler:
                 logprobs_host[q][b] = logprobs_host[q][b][:end]
                 stats["generated_tokens"] += end
         return tokens_host, logprobs_host
+
+    def _use_graphs(self, device: torch.device) -> bool:
+        if device.type != "cuda":
+            return False
+        return True if self.cuda_graphs is None else bool(self.cuda_graphs)
+
+    def _decode_forward(self, cache: SharedPrefixCache, token: torch.Tensor,
+                        start_positions: torch.Tensor) -> torch.Tensor:
+        """One decode forward: token [Q, K] -> logits [Q*K, V] float32. Device work only: no
+        host sync, no tensor kept across calls but the cache's (so it can be graph-captured)."""
+        cache.begin_decode()
+        positions = start_positions[:, None] + cache.suffix_lens                     # [Q, K]
+        hidden = self._forward(cache, positions.reshape(-1, 1), input_ids=token.reshape(-1, 1))
+        cache.end_decode()
+        return self.lm_head(hidden[:, -1]).float()                                    # [Q*K, V]
 
     @staticmethod
     def _compaction(done: torch.Tensor):
@@ -490,3 +511,54 @@ class SharedPrefixSampler:
         """Like ``sample`` but returns token ids and per-token log-probabilities as well."""
         temperatures = [max(params.temperature, 0.0)] * params.k
         return [branches for branches, _ in self._run(requests, params, temperatures, desc="sampling")]
+
+
+class _DecodeRunner:
+    """Runs decode forwards of one branch layout, eagerly or replayed from a CUDA graph.
+
+    With graphs, the first step of a layout runs eagerly (it compiles the Triton kernels and
+    warms cuBLAS outside the capture), the second captures the forward (token in a static
+    buffer; positions, cache writes and length updates are all in-place device work on the
+    cache's fixed buffers) and every later step is one ``replay``: the decode step then costs
+    no Python or launch overhead, which at small batch sizes is most of a step. A layout change
+    (compaction) drops the graph. The returned logits of a replayed step live in the graph's
+    static output until the next step. If capture fails, decoding goes on eagerly.
+    """
+
+    def __init__(self, sampler: SharedPrefixSampler, cache: SharedPrefixCache, use_graph: bool):
+        self.sampler, self.cache, self.use_graph = sampler, cache, use_graph
+        self.new_layout()
+
+    def new_layout(self) -> None:
+        self.graph = self.static_token = self.static_logits = self.static_start = None
+        self.warm = False
+
+    def step(self, token: torch.Tensor, start_positions: torch.Tensor) -> torch.Tensor:
+        if not self.use_graph or not self.warm:
+            self.warm = True
+            return self.sampler._decode_forward(self.cache, token, start_positions)
+        if self.graph is None:
+            self._capture(token, start_positions)
+            if self.graph is None:
+                return self.sampler._decode_forward(self.cache, token, start_positions)
+        self.static_token.copy_(token)
+        self.graph.replay()
+        return self.static_logits
+
+    def _capture(self, token: torch.Tensor, start_positions: torch.Tensor) -> None:
+        import warnings
+
+        static_token, static_start = token.clone(), start_positions.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # Capture records without executing: the cache is unchanged afterwards.
+            with torch.cuda.graph(graph):
+                logits = self.sampler._decode_forward(self.cache, static_token, static_start)
+        except RuntimeError as err:   # keep sampling, just without graphs
+            warnings.warn(f"shared-prefix sampler: CUDA graph capture failed ({err}); decoding eagerly",
+                          RuntimeWarning, stacklevel=2)
+            self.use_graph = self.sampler.cuda_graphs = False
+            self.cache.mode = None
+            return
+        self.graph, self.static_token, self.static_start, self.static_logits = (
+            graph, static_token, static_start, logits)

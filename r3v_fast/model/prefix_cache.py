@@ -128,8 +128,12 @@ class SharedPrefixCache(Cache):
         self.suffix_lens: torch.Tensor | None = None     # [Q, K] int64: tokens in each branch
         self.capacity = 0                                # S_cap of the branch buffers
         self.peak_bytes = 0
-        self._write_index: torch.Tensor | None = None    # decode: [Q, K, Hkv, 1, Dh] scatter index
-        self._read_lens: torch.Tensor | None = None      # decode: suffix_lens + 1
+        # Decode-step state, allocated once per branch layout and updated in place, so that a
+        # step has fixed tensor addresses (it can be replayed from a CUDA graph):
+        self._write_index: torch.Tensor | None = None    # [Q, K, Hkv, 1, Dh] view of suffix_lens
+        self._read_lens: torch.Tensor | None = None      # [Q, K] int32: suffix_lens + 1
+        self._prefix_lens_i32: torch.Tensor | None = None   # int32 copies for the kernel
+        self._prefix_index_i32: torch.Tensor | None = None
         self._extend: tuple[int, int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------- bookkeeping
@@ -185,7 +189,19 @@ class SharedPrefixCache(Cache):
             layer.suffix_values = torch.empty(shape, dtype=dtype, device=device)
         self.capacity = shape[3]
         self.mode = None
+        self._new_layout()
         self._track_peak()
+
+    def _new_layout(self) -> None:
+        """(Re)build the per-layout decode state after begin_branches or select."""
+        num_q, num_b = self.suffix_lens.shape
+        _, num_kv_heads, _, head_dim = self._prefix_layer().prefix_keys.shape
+        # Where each branch's next token goes: a view, so it follows suffix_lens in place.
+        self._write_index = self.suffix_lens.view(num_q, num_b, 1, 1, 1).expand(
+            num_q, num_b, num_kv_heads, 1, head_dim)
+        self._read_lens = torch.empty(num_q, num_b, dtype=torch.int32, device=self.suffix_lens.device)
+        self._prefix_lens_i32 = self.prefix_lens.to(torch.int32)
+        self._prefix_index_i32 = self.prefix_index.to(torch.int32)
 
     def end_branches(self) -> None:
         """Free the branch buffers; the prefix slots stay for the next set of branches."""
@@ -193,6 +209,7 @@ class SharedPrefixCache(Cache):
             layer.suffix_keys = layer.suffix_values = None
         self.prefix_index = self.prefix_lens = self.suffix_lens = None
         self._write_index = self._read_lens = self._extend = None
+        self._prefix_lens_i32 = self._prefix_index_i32 = None
         self.capacity, self.mode = 0, None
 
     def ensure_capacity(self, tokens: int, *, limit: int | None = None) -> None:
@@ -226,7 +243,7 @@ class SharedPrefixCache(Cache):
         self.suffix_lens = self.suffix_lens[rows, branches]
         self.prefix_index = self.prefix_index[questions]
         self.prefix_lens = self.prefix_lens[questions]
-        self._write_index = self._read_lens = None
+        self._new_layout()
 
     def begin_extend(self, q_start: int, q_end: int, new_lens: torch.Tensor) -> None:
         """The next forward holds new tokens of every branch of question rows [q_start, q_end):
@@ -242,21 +259,16 @@ class SharedPrefixCache(Cache):
         self.mode = "extend"
 
     def begin_decode(self) -> None:
-        """The next forward holds one token per branch ([Q * K, 1] input rows, question-major)."""
+        """The next forward holds one token per branch ([Q * K, 1] input rows, question-major).
+        Device work only, in place (no allocation, no host sync)."""
         if self.suffix_lens is None:
             raise RuntimeError("SharedPrefixCache: begin_branches before begin_decode")
-        num_q, num_b = self.suffix_lens.shape
-        _, num_kv_heads, _, head_dim = self._prefix_layer().prefix_keys.shape
-        # Where each branch's new token goes; built once per step, shared by all layers.
-        self._write_index = self.suffix_lens.view(num_q, num_b, 1, 1, 1).expand(
-            num_q, num_b, num_kv_heads, 1, head_dim)
-        self._read_lens = self.suffix_lens + 1
+        self._read_lens.copy_(self.suffix_lens).add_(1)       # the new token is read too
         self.mode = "decode"
 
     def end_decode(self) -> None:
-        """After a decode forward: every branch is one token longer."""
-        self.suffix_lens = self._read_lens
-        self._write_index = self._read_lens = None
+        """After a decode forward: every branch is one token longer (in place)."""
+        self.suffix_lens.add_(1)
         self.mode = None
 
     # ------------------------------------------------------------------------- Cache API
@@ -312,9 +324,9 @@ class SharedPrefixCache(Cache):
             num_q, num_b = self.suffix_lens.shape
             q = query.view(num_q, num_b, query.shape[1], query.shape[3])     # [Q, K, H, Dh] (L = 1)
             out = cascade_decode_attention(
-                q, layer.prefix_keys, layer.prefix_values, self.prefix_lens,
+                q, layer.prefix_keys, layer.prefix_values, self._prefix_lens_i32,
                 layer.suffix_keys, layer.suffix_values, self._read_lens,
-                scale=scaling, prefix_index=self.prefix_index, backend=self.backend)
+                scale=scaling, prefix_index=self._prefix_index_i32, backend=self.backend)
             return out.view(num_q * num_b, 1, query.shape[1], query.shape[3])   # [B, 1, H, Dh]
         raise RuntimeError("SharedPrefixCache: attention called with no mode set")
 

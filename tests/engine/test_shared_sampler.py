@@ -6,6 +6,8 @@ positions, M-RoPE included) for log-probabilities. Prompts have different length
 image sizes for Qwen2-VL, different questions for both) and run in one batch.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -23,6 +25,11 @@ GREEDY = SamplingParams(k=1, temperature=0.0, max_new_tokens=12)
 # Tests of sampling logic that does not depend on the model family run on Qwen2-VL only (the
 # M-RoPE case); everything that involves positions or the cache runs on both families.
 qwen_only = pytest.mark.parametrize("setup", ["qwen2vl"], indirect=True)
+try:
+    import triton  # noqa: F401
+    TRITON_RUNNABLE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+except ImportError:
+    TRITON_RUNNABLE = False
 
 
 @pytest.fixture(scope="module", params=["qwen2vl", "llava"])
@@ -255,3 +262,50 @@ def test_missing_image_is_a_clear_error(setup, tmp_path):
     model, processor, _, requests = setup
     with pytest.raises(FileNotFoundError, match="nope.png"):
         _sampler(model, processor).sample([Request(requests[0].prompt, str(tmp_path / "nope.png"))], GREEDY)
+
+
+@qwen_only
+@pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_cascade_backend_gives_the_same_branches(setup):
+    model, processor, _, requests = setup
+    params = SamplingParams(k=2, temperature=1.0, max_new_tokens=5, seed=3)
+    by_backend = {}
+    for backend in ("torch", "triton"):
+        sampler = SharedPrefixSampler(model, processor, batch_size=3, show_progress=False, backend=backend,
+                                      cuda_graphs=False)
+        by_backend[backend] = sampler._sample_branches(requests[:2], params)
+    for torch_branches, triton_branches in zip(by_backend["torch"], by_backend["triton"]):
+        for a, b in zip(torch_branches, triton_branches):
+            assert a.tokens == b.tokens
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decoding_equals_eager_and_generate(tiny_qwen2vl_dir, rgb_images, tmp_path):
+    """On CUDA (fp32): greedy equals HF generate; sampled branches with early stops and
+    compaction (graph re-capture) are identical with and without CUDA graphs."""
+    model, processor = load_vlm(tiny_qwen2vl_dir, device="cuda")
+    requests = []
+    for i, (image, question) in enumerate(zip(rgb_images, QUESTIONS)):
+        image.save(tmp_path / f"{i}.png")
+        record = Record(id=str(i), image=str(tmp_path / f"{i}.png"), question=question, answer="1",
+                        dataset="shapes-math")
+        requests.append(Request(prompts.render(processor, prompts.cot_messages(record)), record.image))
+    graphs = SharedPrefixSampler(model, processor, batch_size=3, show_progress=False, sync_every=2, cuda_graphs=True)
+    eager = SharedPrefixSampler(model, processor, batch_size=3, show_progress=False, sync_every=2, cuda_graphs=False)
+    for (branch,), request in zip(graphs._sample_branches(requests, GREEDY), requests):
+        inputs = _inputs(processor, request).to("cuda")
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=12, eos_token_id=graphs.stop_ids,
+                                 pad_token_id=pad_id(processor))
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        end = next((i + 1 for i, t in enumerate(new) if t in graphs.stop_ids), len(new))
+        assert branch.tokens == new[:end]
+    for sampler in (graphs, eager):
+        sampler.stop_ids = list(range(100, 140))
+    params = SamplingParams(k=4, temperature=1.0, max_new_tokens=20, seed=9)
+    with_graphs, without = graphs._sample_branches(requests, params), eager._sample_branches(requests, params)
+    assert graphs.cuda_graphs is True               # capture did not fall back
+    for a_branches, b_branches in zip(with_graphs, without):
+        assert [a.tokens for a in a_branches] == [b.tokens for b in b_branches]
