@@ -160,7 +160,14 @@ class SharedPrefixSampler:
         """[(branch outputs per temperature, {k: select text}) per request]."""
         if not requests:
             return []
+        was_training = self.model.training
         self.model.eval()
+        try:
+            return self._run_eval(requests, params, temperatures, desc=desc, select=select)
+        finally:
+            self.model.train(was_training)
+
+    def _run_eval(self, requests, params, temperatures, *, desc, select=None):
         results: list = [None] * len(requests)
         stats = {"peak_kv_bytes": 0, "groups": 0, "prefill_tokens": 0, "generated_tokens": 0,
                  "decode_steps": 0}

@@ -351,8 +351,11 @@ class SharedPrefixCache(Cache):
         causal = torch.ones(new_len, new_len, dtype=torch.bool, device=device).tril()  # [S, S]
         mask = torch.cat([prefix_ok[:, None, :].expand(-1, new_len, -1),
                           causal.expand(prefix_ok.shape[0], -1, -1)], dim=2)  # [R, S, P + S]
+        if gqa:   # expand KV heads here: SDPA's memory-efficient kernel takes a mask but not GQA
+            group = query.shape[1] // keys.shape[1]
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[:, None],
-                                             scale=scaling, enable_gqa=gqa)  # [R, H, S, Dh]
+                                             scale=scaling)                  # [R, H, S, Dh]
         return out.transpose(1, 2)
 
 

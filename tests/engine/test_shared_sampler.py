@@ -32,6 +32,16 @@ except ImportError:
     TRITON_RUNNABLE = False
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is plenty, and on a busy shared machine it avoids
+    OpenMP threads spinning against each other (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["qwen2vl", "llava"])
 def setup(request, rgb_images, tmp_path_factory):
     model, processor = load_vlm(request.getfixturevalue(f"tiny_{request.param}_dir"))
@@ -78,6 +88,7 @@ def _teacher_forced_logprobs(model, processor, request, tokens):
     return torch.log_softmax(logits, -1).gather(1, extra.T).view(-1)
 
 
+@pytest.mark.parametrize("setup", ["qwen2vl", "qwen2_5vl", "llava"], indirect=True)
 def test_greedy_k1_equals_hf_generate_for_a_batch_of_different_lengths(setup):
     model, processor, _, requests = setup
     sampler = _sampler(model, processor, batch_size=3)

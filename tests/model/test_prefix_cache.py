@@ -20,6 +20,16 @@ BRANCHES = [[[60, 61, 62, 63, 64], [70, 71, 72], [80, 81, 82, 83, 84, 85]],
             [[90, 91], [100, 101, 102, 103, 104, 105], [110, 111, 112, 113]]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is plenty, and on a busy shared machine it avoids
+    OpenMP threads spinning against each other (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["qwen2vl", "llava"])
 def model(request):
     model, _ = load_vlm(request.getfixturevalue(f"tiny_{request.param}_dir"))
