@@ -185,8 +185,8 @@ class SharedPrefixSampler:
         self.last_stats = stats
         return results
 
-    def _prepare(self, index: int, request: Request) -> _Prompt:
-        image = load_images([request])[0]
+    def _prepare(self, index: int, request: Request, image=None) -> _Prompt:
+        image = load_images([request])[0] if image is None else image
         inputs = dict(self.processor(text=[request.prompt], images=[image], return_tensors="pt"))
         return _Prompt(index, request, image, inputs, inputs["input_ids"][0].tolist())
 
@@ -402,7 +402,6 @@ class SharedPrefixSampler:
         (0 = all), then the smallest set of most likely tokens whose probability reaches top_p
         (a token is kept if the mass strictly above it is below top_p, so the most likely one
         always is), then draw by the exponential race on the kept probabilities."""
-        logprobs = torch.log_softmax(logits, dim=-1)                                  # [R, V]
         token = logits.argmax(dim=-1)                                                 # greedy
         if any_sampled:
             vocab = logits.shape[-1]
@@ -416,7 +415,9 @@ class SharedPrefixSampler:
             race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)
             drawn = indices.gather(1, (probs / race).argmax(dim=-1, keepdim=True)).squeeze(1)
             token = torch.where(temps > 0, drawn, token)
-        return token, logprobs.gather(1, token[:, None]).squeeze(1)
+        # log p(token) = logit - logsumexp(logits): the log-softmax at one entry, without a
+        # second [R, V] tensor.
+        return token, logits.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     def _branch_output(self, tokens: list[int], logprobs: list[float]) -> BranchOutput:
         text = self.processor.batch_decode([tokens], skip_special_tokens=True)[0]
@@ -436,7 +437,9 @@ class SharedPrefixSampler:
             cands = ([b.text for b in branches[q][1:]] if len(branches[q]) > 1
                      else [branches[q][0].text] * num_candidates)
             requests = [select_request(prompt.index, cands[:k]) for k in select_ks]
-            ids = [self._prepare(prompt.index, r).ids if r.image == prompt.request.image else None
+            # The image was loaded for the CoT prompt already; a select prompt about another
+            # image file cannot continue this prefix.
+            ids = [self._prepare(prompt.index, r, prompt.image).ids if r.image == prompt.request.image else None
                    for r in requests]
             shared = self._shared_length(prompt.ids, ids)
             if shared is None:
