@@ -144,20 +144,28 @@ class SharedPrefixSampler:
         Same contract as r3v_fast.engine.evaluation.sample_and_select: with params.k == 1 the
         candidates are the greedy answer; a greedy ``params`` gives K copies of it.
         """
+        greedy, candidates, selects = self._sample_and_select_branches(
+            requests, params, select_request=select_request, select_ks=select_ks, select_params=select_params)
+        return ([g.text for g in greedy], [[c.text for c in cands] for cands in candidates],
+                {k: [b.text for b in branches] for k, branches in selects.items()})
+
+    @torch.no_grad()
+    def _sample_and_select_branches(self, requests, params, *, select_request, select_ks, select_params):
+        """``sample_and_select`` with BranchOutput (token ids, log-probs, text) everywhere."""
         temperatures = [0.0] + ([] if params.greedy or params.k == 1 else [params.temperature] * params.k)
         select = (select_request, list(select_ks), select_params, params.k) if select_ks else None
         outputs = self._run(requests, params, temperatures, desc="eval sample + select", select=select)
-        greedy = [branches[0].text for branches, _ in outputs]
+        greedy = [branches[0] for branches, _ in outputs]
         if len(temperatures) == 1:
             candidates = [[g] * params.k for g in greedy]
         else:
-            candidates = [[b.text for b in branches[1:]] for branches, _ in outputs]
+            candidates = [branches[1:] for branches, _ in outputs]
         selects = {k: [sel[k] for _, sel in outputs] for k in select_ks}
         return greedy, candidates, selects
 
     # ------------------------------------------------------------------------- the run
     def _run(self, requests, params, temperatures, *, desc, select=None):
-        """[(branch outputs per temperature, {k: select text}) per request]."""
+        """[(BranchOutput per temperature, {k: select BranchOutput}) per request]."""
         if not requests:
             return []
         was_training = self.model.training
@@ -265,7 +273,7 @@ class SharedPrefixSampler:
         branches = [[self._branch_output(tokens[q][b], logprobs[q][b]) for b in range(num_b)]
                     for q in range(num_q)]
 
-        selects: list[dict[int, str]] = [{} for _ in group]
+        selects: list[dict[int, BranchOutput]] = [{} for _ in group]
         if select is not None:
             selects = self._select(cache, group, branches, next_positions - lengths, select, generator, stats)
         stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], cache.peak_bytes)
@@ -424,12 +432,12 @@ class SharedPrefixSampler:
         return BranchOutput(tokens, logprobs, text)
 
     # ------------------------------------------------------------------------- selection
-    def _select(self, cache, group, branches, rope_deltas, select, generator, stats) -> list[dict[int, str]]:
+    def _select(self, cache, group, branches, rope_deltas, select, generator, stats) -> list[dict]:
         """Select prompts of the group as new branches of the cached prefixes, decoded greedily
         (or with select_params' temperature). Prompts that do not share the CoT prompt's prefix
         through its image fall back to a from-scratch decode."""
         select_request, select_ks, select_params, num_candidates = select
-        out: list[dict[int, str]] = [{} for _ in group]
+        out: list[dict[int, BranchOutput]] = [{} for _ in group]
         plans, fallback = [], []
         for q, prompt in enumerate(group):
             # Branch 0 is the greedy answer; the candidates follow it, or are copies of it when
@@ -447,14 +455,15 @@ class SharedPrefixSampler:
             else:
                 plans.append((q, shared, [x[shared:] for x in ids]))
         if plans:
-            texts = self._select_branches(cache, plans, rope_deltas, select_params, generator, stats)
-            for (q, _, _), per_k in zip(plans, texts):
+            decoded = self._select_branches(cache, plans, rope_deltas, select_params, generator, stats)
+            for (q, _, _), per_k in zip(plans, decoded):
                 out[q] = dict(zip(select_ks, per_k))
         if fallback:
             params = SamplingParams(**{**select_params.__dict__, "k": 1})
-            answers = self.sample([r for _, _, r in fallback], params, desc="select (fresh)")
-            for (q, k, _), texts in zip(fallback, answers):
-                out[q][k] = texts[0]
+            temperatures = [max(params.temperature, 0.0)]
+            answers = self._run([r for _, _, r in fallback], params, temperatures, desc="select (fresh)")
+            for (q, k, _), (branches, _) in zip(fallback, answers):
+                out[q][k] = branches[0]
         return out
 
     def _shared_length(self, cot_ids: list[int], select_ids: list[list[int] | None]) -> int | None:
@@ -512,7 +521,7 @@ class SharedPrefixSampler:
         tokens, logprobs = self._decode(cache, torch.cat(first_logits), start_positions, temps, select_params,
                                         max_new, longest, generator, stats)
         cache.end_branches()
-        return [[self._branch_output(tokens[q][k], logprobs[q][k]).text for k in range(num_k)]
+        return [[self._branch_output(tokens[q][k], logprobs[q][k]) for k in range(num_k)]
                 for q in range(num_q)]
 
     # ------------------------------------------------------------------------- for tests

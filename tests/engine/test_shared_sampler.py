@@ -211,8 +211,26 @@ def test_select_branch_equals_from_scratch_greedy_of_the_select_prompt(setup):
         assert len(selects[k]) == 3
         expected = hf.sample([select_request(i, candidates[i][:k]) for i in range(3)], select_params)
         assert selects[k] == [t[0] for t in expected]
-    # The candidates are the ones plain sampling with the same seed and groups gives, after the greedy branch.
     assert all(len(set(c)) > 1 for c in candidates)
+
+
+def test_select_branch_logprobs_equal_teacher_forcing_on_the_full_select_prompt(setup):
+    """Token-exact outputs can hide small position errors in a tiny random model; the
+    log-probabilities of the select branch's tokens cannot."""
+    model, processor, records, requests = setup
+    sampler = _sampler(model, processor, batch_size=3)
+
+    def select_request(i, candidates):
+        return Request(prompts.render(processor, prompts.select_messages(records[i], candidates)), records[i].image)
+
+    _, candidates, selects = sampler._sample_and_select_branches(
+        requests[:2], SamplingParams(k=2, temperature=1.0, max_new_tokens=6, seed=2), select_request=select_request,
+        select_ks=[2], select_params=SamplingParams(k=1, temperature=0.0, max_new_tokens=5))
+    for i, branch in enumerate(selects[2]):
+        request = select_request(i, [c.text for c in candidates[i]])
+        expected = _teacher_forced_logprobs(model, processor, request, branch.tokens)
+        got = torch.tensor(branch.logprobs, dtype=torch.float64)
+        assert torch.all((got - expected).abs() <= 1e-5 * expected.abs()), (got, expected)
 
 
 @qwen_only
