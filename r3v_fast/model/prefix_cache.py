@@ -13,11 +13,13 @@ Storage, per decoder layer (Q questions in the current layout, K branches each):
 
     prefix_keys/values  [N, Hkv, P_max, Dh]        one copy per prefilled question (slot n)
     suffix_keys/values  [Q, K, Hkv, S_cap, Dh]     each branch's own tokens
-    prefix_index [Q], prefix_lens [Q], suffix_lens [Q, K]   (int64, on the device)
+    prefix_index [Q], prefix_lens [Q], suffix_lens [Q, K]   (int64, on the device, shared by layers)
 
 so a question costs P + K * S_cap tokens of KV, not K * (P + L) as with K copies of the
 prompt. S_cap grows geometrically as branches get longer, and ``select`` drops finished
-branches, so S_cap tracks the longest live branch, not max_new_tokens.
+branches, so S_cap tracks the longest live branch, not max_new_tokens (the sampler reserves
+the whole max_new_tokens up front only when it replays decode steps from a CUDA graph, which
+needs fixed buffers: then a question holds at most P + K * L tokens).
 
 A forward runs in one of three modes (set before the call, read by ``update`` and by the
 attention function):
@@ -33,7 +35,13 @@ attention function):
   suffix at its own length (no host sync: the positions live on the device) and the attention
   is ``r3v_fast.ops.cascade_decode_attention``: the K branch queries of a question read the
   prefix once as a matrix (Triton on CUDA, the PyTorch reference on the CPU), plus their own
-  suffix, merged by log-sum-exp.
+  suffix, merged by log-sum-exp. A decode step only does in-place device work on tensors that
+  live as long as the branch layout (lengths, scatter index, int32 copies for the kernel), so
+  the sampler can capture it in a CUDA graph and replay it.
+
+In the prefill mode the sampler passes the cache as ``past_key_values`` only: without the
+keyword the attention is the model's plain SDPA, which is what a causal, right-padded
+prefill needs, and ``update`` still stores the prefix.
 
 Without the ``r3v_prefix`` keyword the attention function is plain SDPA, so a model switched
 to "r3v_prefix" still serves ``generate``, training and scoring unchanged. No mask function is
