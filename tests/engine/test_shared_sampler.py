@@ -25,11 +25,13 @@ GREEDY = SamplingParams(k=1, temperature=0.0, max_new_tokens=12)
 # Tests of sampling logic that does not depend on the model family run on Qwen2-VL only (the
 # M-RoPE case); everything that involves positions or the cache runs on both families.
 qwen_only = pytest.mark.parametrize("setup", ["qwen2vl"], indirect=True)
+# The CPU-resident test models can run the Triton kernel only in the interpreter; on CUDA the
+# kernel is covered by test_cuda_graph_decoding_equals_eager_and_generate.
 try:
     import triton  # noqa: F401
-    TRITON_RUNNABLE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 except ImportError:
-    TRITON_RUNNABLE = False
+    TRITON_INTERPRETED = False
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -294,7 +296,7 @@ def test_missing_image_is_a_clear_error(setup, tmp_path):
 
 
 @qwen_only
-@pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="needs TRITON_INTERPRET=1 (CPU run of the Triton kernel)")
 def test_triton_cascade_backend_gives_the_same_branches(setup):
     model, processor, _, requests = setup
     params = SamplingParams(k=2, temperature=1.0, max_new_tokens=5, seed=3)
