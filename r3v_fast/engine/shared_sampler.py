@@ -42,13 +42,18 @@ branch buffers are copied into a smaller layout. Masking wastes the compute of d
 between syncs; compacting at every finish would copy the branch KV too often. KV held per
 question: its prompt (padded to the group's longest) + live branches x the longest live branch.
 
+CUDA graphs (on CUDA, ``cuda_graphs=None`` = on): a decode step is in-place device work on the
+cache's fixed buffers, so after one eager step per branch layout it is captured once and then
+replayed; at the small batch sizes of decoding most of an eager step is Python and kernel
+launch overhead. The branch buffers then hold the phase's whole max_new_tokens from the start
+(at most P + K x L tokens per question). Sampling runs eagerly between replays.
+
 Outputs are decoded exactly like HFSampler (``batch_decode(..., skip_special_tokens=True)`` of
 the new tokens up to and including the stop token), so the two samplers are interchangeable.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -314,10 +319,11 @@ class SharedPrefixSampler:
         """
         device = first_logits.device
         num_q, num_b = temps.shape
+        if max_new_tokens == 0:
+            empty = [[[] for _ in range(num_b)] for _ in range(num_q)]
+            return empty, [[[] for _ in range(num_b)] for _ in range(num_q)]
         out_tokens = torch.full((num_q, num_b, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         out_logprobs = torch.zeros((num_q, num_b, max_new_tokens), dtype=torch.float32, device=device)
-        if max_new_tokens == 0:
-            return [[[] for _ in range(num_b)] for _ in range(num_q)], [[[] for _ in range(num_b)] for _ in range(num_q)]
         out_q = torch.arange(num_q, device=device)[:, None].expand(num_q, num_b)     # output slot of each row
         out_b = torch.arange(num_b, device=device)[None, :].expand(num_q, num_b)
         stop_ids = torch.tensor(self.stop_ids, dtype=torch.long, device=device)

@@ -272,7 +272,8 @@ def test_select_prompt_without_the_shared_prefix_falls_back_to_a_fresh_decode(se
 def test_token_budget_splits_groups_and_kv_is_prefix_plus_branches(setup):
     model, processor, _, requests = setup
     text = model.config.get_text_config()
-    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * 4     # fp32 K and V
     lengths = [len(_inputs(processor, r)["input_ids"][0]) for r in requests]
     params = SamplingParams(k=3, temperature=1.0, max_new_tokens=10, seed=0)
     sampler = _sampler(model, processor, batch_size=8)
