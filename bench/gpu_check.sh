@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the fused segment log-likelihood, for a session that has a CUDA machine:
+# One-shot GPU check of every kernel and fast path, for a session that has a CUDA machine:
 #   bash bench/gpu_check.sh            (from the repository root or anywhere)
 # 1. installs, without network: the peers' wheels found in .whl/ (liger-kernel,
 #    cut-cross-entropy; .whl/ is git-ignored, so carry it to the machine), then this package
@@ -51,6 +51,16 @@ echo "== GPU benchmark"
 export R3V_BENCH_SWEEP="${R3V_BENCH_SWEEP:-1}"
 python -m pytest bench/bench_segment_logprob_gpu.py -q -s -rs -p no:cacheprovider \
     --benchmark-json=bench/results/gpu_pytest_benchmark.json || status=1
+
+echo "== cascade decode attention + shared-prefix sampler"
+python -m pytest tests/ops/test_cascade_attention.py tests/model/test_prefix_cache.py \
+    tests/engine/test_shared_sampler.py -q -rs -p no:cacheprovider || status=1
+python -m pytest bench/bench_cascade_attention.py bench/bench_sampler.py -q -s -rs -p no:cacheprovider || status=1
+
+echo "== tree packing"
+python -m pytest tests/model/test_tree_attention.py tests/engine/test_packing.py tests/test_scoring.py \
+    -q -rs -p no:cacheprovider || status=1
+python -m pytest bench/bench_packing.py -q -s -rs -p no:cacheprovider || status=1
 
 echo "== done (status $status); results:"
 ls -l bench/results

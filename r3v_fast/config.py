@@ -43,7 +43,7 @@ class RunConfig:
     init: str = "base"                # base | previous: which weights each iteration trains from
     eval_base: bool = True            # evaluate the starting model as iteration 0
     # sampling (bootstrap)
-    sampler: str = "hf"
+    sampler: str = "shared"           # shared (one prefix KV per question) | hf (plain generate)
     k: int = 3
     temperature: float = 0.9
     top_p: float = 0.95

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=384)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--sampler", default="hf", choices=["hf"])
+    parser.add_argument("--sampler", default="shared", choices=["shared", "hf"],
+                        help="shared: one prefix KV cache per question for all candidates and the select "
+                             "prompt; hf: plain generate (default: %(default)s)")
     parser.add_argument("--max-questions", type=int)
     parser.add_argument("--no-select", action="store_true", help="skip test-time selection")
     parser.add_argument("--seed", type=int, default=0)

@@ -113,7 +113,7 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
 def validate(cfg: RunConfig) -> None:
     from r3v_fast.engine.loop import UsageError
 
-    choices = {"method": ("r3v", "star"), "init": ("base", "previous"), "sampler": ("hf",),
+    choices = {"method": ("r3v", "star"), "init": ("base", "previous"), "sampler": ("shared", "hf"),
                "packing": ("tree", "none"), "loss_mix": ("official", "per-task")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:

@@ -68,7 +68,9 @@ def test_resume_after_interrupt(tiny_qwen2vl_dir, shapes_dir, tmp_path, monkeypa
         return real(self, requests, params, desc=desc)
 
     monkeypatch.setattr(sampler_module.HFSampler, "sample", flaky)
-    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false")) == 130
+    # The baseline sampler here; the smoke run above covers the default (shared-prefix) one.
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false",
+                                 "--sampler", "hf")) == 130
     pool = Pool(run_dir / "pool")
     assert pool.has_shard(1, 0) and not pool.has_shard(1, 1)   # the finished chunk is kept
     first_shard = pool.shard_path(1, 0).read_text()

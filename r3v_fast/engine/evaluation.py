@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from r3v_fast.data import judge, prompts
 from r3v_fast.data.records import Record
-from r3v_fast.engine.sampler import GREEDY, Request, Sampler, SamplingParams
+from r3v_fast.engine.sampler import Request, Sampler, SamplingParams
 
 Renderer = Callable[[list[dict]], str]
 
@@ -53,7 +53,8 @@ def sample_and_select(
     if hasattr(sampler, "sample_and_select"):
         return sampler.sample_and_select(requests, params, select_request=select_request,
                                          select_ks=select_ks, select_params=select_params)
-    greedy = [texts[0] for texts in sampler.sample(requests, GREEDY, desc="eval greedy")]
+    greedy_params = SamplingParams(k=1, temperature=0.0, max_new_tokens=params.max_new_tokens)
+    greedy = [texts[0] for texts in sampler.sample(requests, greedy_params, desc="eval greedy")]
     candidates = (sampler.sample(requests, params, desc=f"eval sample K={params.k}")
                   if params.k > 1 else [[g] for g in greedy])
     selects = {}

@@ -55,9 +55,13 @@ class RunData:
 
 # ------------------------------------------------------------------------------ helpers
 def make_sampler(name: str, model, processor, cfg: RunConfig):
+    if name == "shared":
+        from r3v_fast.engine.shared_sampler import SharedPrefixSampler
+
+        return SharedPrefixSampler(model, processor, batch_size=cfg.sample_batch_size, show_progress=cfg.progress)
     if name == "hf":
         return HFSampler(model, processor, batch_size=cfg.sample_batch_size, show_progress=cfg.progress)
-    raise UsageError(f"unknown sampler {name!r} (available: hf)")
+    raise UsageError(f"unknown sampler {name!r} (available: shared, hf)")
 
 
 def load_processor(model_dir: Path, trust_remote_code: bool = False):

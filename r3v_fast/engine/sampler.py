@@ -5,8 +5,9 @@ through ``Sampler.sample``. Two implementations plug in behind it:
 
 - ``HFSampler`` (``--sampler hf``): transformers' ``generate`` with ``num_return_sequences=K``,
   i.e. K full copies of every prompt's KV cache. The plain baseline.
-- the shared-prefix sampler (``--sampler shared``) prefills each image + question once and
-  decodes the K branches against one copy of that prefix's KV cache.
+- ``SharedPrefixSampler`` (``--sampler shared``, the default; r3v_fast.engine.shared_sampler)
+  prefills each image + question once and decodes the K branches against one copy of that
+  prefix's KV cache.
 
 Sampling follows the public R³V setting by default: K = 3, temperature 0.9, top-p 0.95,
 top-k 50, up to 384 new tokens. Temperature 0 means greedy (Pass@1 uses K = 1, greedy).
