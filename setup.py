@@ -87,15 +87,15 @@ setup(
         "tqdm",
         "tokenizers",
         "numpy",
+        "matplotlib",   # the accuracy-per-iteration plot of every run
     ],
     extras_require={
         "dev": [
-            "pytest", "pytest-benchmark", "hypothesis", "matplotlib",
+            "pytest", "pytest-benchmark", "hypothesis",
             # Triton kernels are tested on the CPU under TRITON_INTERPRET=1.
             "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
         "gpu": ["flash-attn"],
-        "plot": ["matplotlib"],
     },
     zip_safe=False,
 )
