@@ -259,3 +259,21 @@ def build_tiny_qwen2_5vl(out_dir, **kwargs) -> Path:
 def build_tiny_llava(out_dir, **kwargs) -> Path:
     """Save a tiny random LLaVA-1.5-style model (see make_tiny_llava) to `out_dir`."""
     return _save(*make_tiny_llava(**kwargs), out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m r3v_fast.model.tiny pretrain --out DIR [...]``: build the embedded default
+    checkpoint (see r3v_fast.model.pretrain for the options)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "pretrain":
+        print("usage: python -m r3v_fast.model.tiny pretrain --out DIR [--seed S] ...", file=sys.stderr)
+        return 2
+    from r3v_fast.model.pretrain import main as pretrain_main
+
+    return pretrain_main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
