@@ -157,3 +157,20 @@ def test_resume_after_interrupt_during_training(tiny_qwen2vl_dir, shapes_dir, tm
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_shortened_default_run_on_the_shipped_checkpoint(tmp_path):
+    """The embedded default (shipped tiny VLM, shapes-math) shortened to a few dozen questions
+    and one iteration: metrics come out and the checkpoint loads through the generic HF path."""
+    assert train.PACKAGED_MODEL.joinpath("config.json").exists()
+    run_dir = tmp_path / "run"
+    assert train.main(["--preset", "smoke", "--run-dir", str(run_dir), "--progress", "false"]) == 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["iteration"], m["phase"]) for m in metrics] == [(0, "eval"), (1, "bootstrap"), (1, "train"),
+                                                               (1, "eval")]
+    base, last = metrics[0], metrics[-1]
+    assert base["pass@1"] > 0.0                       # the shipped model already solves some questions
+    assert {"pass@1", "maj@3", "select@3"} <= set(last)
+    assert json.loads((run_dir / "config.json").read_text())["model"] is None
+    model, processor = load_vlm(run_dir / "checkpoints" / "iter_001")
+    assert model.config.model_type == "qwen2_vl" and processor is not None
