@@ -27,13 +27,19 @@ echo "== install (offline)"
 shopt -s nullglob
 wheels=(.whl/*.whl)
 if ((${#wheels[@]})); then
-    pip install --no-index --no-deps --quiet "${wheels[@]}" || echo "gpu_check: peer wheels did not install"
+    # `python -m pip`: the bare `pip` on the PATH may belong to another interpreter. Into a
+    # --target folder on PYTHONPATH, so that a read-only or system site-packages does not matter.
+    python -m pip install --no-index --no-deps --no-compile --quiet --upgrade --target /tmp/r3v_peers "${wheels[@]}" \
+        && export PYTHONPATH="/tmp/r3v_peers${PYTHONPATH:+:$PYTHONPATH}" \
+        || echo "gpu_check: peer wheels did not install"
+    python -c "import liger_kernel.transformers.functional" || echo "gpu_check: liger_kernel does not import"
+    python -c "import cut_cross_entropy" || echo "gpu_check: cut_cross_entropy does not import"
 else
     echo "gpu_check: no .whl/ wheels: liger / cut-cross-entropy will be skipped"
 fi
-if ! pip install --no-index --no-deps --no-build-isolation --quiet -e .; then
+if ! python -m pip install --no-index --no-deps --no-build-isolation --quiet -e .; then
     echo "gpu_check: editable install with the C++ extension failed; retrying without it"
-    R3V_NO_CPP=1 pip install --no-index --no-deps --no-build-isolation --quiet -e . || true
+    R3V_NO_CPP=1 python -m pip install --no-index --no-deps --no-build-isolation --quiet -e . || true
 fi
 if ! python -c "import r3v_fast.kernels.segment_logprob" 2>/dev/null; then
     # Last resort on this throw-away copy: make kernels/ importable as r3v_fast.kernels.

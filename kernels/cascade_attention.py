@@ -204,7 +204,7 @@ def _auto_num_splits(device: torch.device, programs: int, max_keys: int) -> int:
     if device.type != "cuda" or _interpreting():
         return 1
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= sms:
+    if programs == 0 or programs >= sms:  # nothing to launch, or enough programs already
         return 1
     return max(1, min(triton.cdiv(2 * sms, programs), max_keys // 256, 32))
 

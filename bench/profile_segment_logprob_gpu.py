@@ -1,0 +1,129 @@
+"""Per-kernel profile of the Triton fused loss on a GPU, for tuning its tile configuration.
+
+The benchmark (bench_segment_logprob_gpu.py) gives one forward+backward time; this script
+splits it by kernel (forward, recompute-G, dW GEMM, dH GEMM, glue) with torch.profiler for a
+few KernelConfig variants, and times the cuBLAS product h·wᵀ of the same shape as the
+ceiling of one 2·T·D·V phase (the op does four such phases: forward, recompute, dW, dH).
+
+    python bench/profile_segment_logprob_gpu.py            (Qwen2-VL-7B head: 8192 x 3584 x 151936, bf16)
+    R3V_PROFILE_VARIANTS=default,pps16 python bench/profile_segment_logprob_gpu.py
+
+Writes bench/results/segment_logprob_profile.json (keyed by device) and prints a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from r3v_fast.kernels import segment_logprob as kernels
+
+T = int(os.environ.get("R3V_BENCH_T", 8192))
+D = int(os.environ.get("R3V_BENCH_D", 3584))
+V = int(os.environ.get("R3V_BENCH_V", 151_936))
+PHASE_FLOP = 2 * T * D * V
+RESULTS = Path(__file__).resolve().parent / "results" / "segment_logprob_profile.json"
+
+BASE = kernels.GPU_CONFIG_16BIT
+VARIANTS = {
+    "default": BASE,
+    "pps16": dataclasses.replace(BASE, programs_per_sm=16),
+    "v256": dataclasses.replace(BASE, block_v=256),
+    "gemm_n256": dataclasses.replace(BASE, dw_block=(128, 256, 64), dh_block=(128, 256, 64)),
+    "stages4": dataclasses.replace(BASE, num_stages=4),
+    "w4_stages4": dataclasses.replace(BASE, num_warps=4, num_stages=4),
+    "v256_gemm256_pps16": dataclasses.replace(BASE, block_v=256, dw_block=(128, 256, 64),
+                                              dh_block=(128, 256, 64), programs_per_sm=16),
+    "chunk128mb": dataclasses.replace(BASE, chunk_bytes=128 << 20),
+}
+
+
+def cuda_ms(fn, warmup=2, rounds=7) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_breakdown(fn) -> dict[str, float]:
+    """Milliseconds of device time per kernel family for one call of fn (after a warm-up)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.key
+        family = next((k for k in ("fwd_kernel", "bwd_kernel", "dw_kernel", "dh_kernel") if k in name), "glue")
+        totals[family] += event.device_time_total / 1e3
+    return {k: round(v, 3) for k, v in sorted(totals.items())}
+
+
+def main() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    weight = (torch.randn(V, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)
+    targets = torch.randint(0, V, (T,), device="cuda", generator=g)
+    valid = targets != -100
+    grad = torch.full((T,), 1.0 / T, device="cuda")
+
+    cublas_ms = cuda_ms(lambda: hidden @ weight.T)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "shape": dict(T=T, D=D, V=V, dtype="bfloat16"),
+              "cublas_phase_ms": round(cublas_ms, 3),
+              "cublas_phase_tflops": round(PHASE_FLOP / cublas_ms / 1e9, 1), "variants": {}}
+    print(f"cuBLAS h·wᵀ (one phase): {cublas_ms:.2f} ms = {report['cublas_phase_tflops']} TFLOP/s")
+
+    wanted = os.environ.get("R3V_PROFILE_VARIANTS")
+    names = wanted.split(",") if wanted else list(VARIANTS)
+    for name in names:
+        cfg = VARIANTS[name]
+
+        def fwd():
+            return kernels.token_logprob_fwd(hidden, weight, None, targets, valid, 0.0, config=cfg)
+
+        def bwd(lse):
+            return kernels.token_logprob_bwd(hidden, weight, None, targets, valid, lse, grad, 0.0,
+                                             True, True, False, config=cfg)
+        try:
+            _, lse = fwd()
+            bwd(lse)
+            torch.cuda.synchronize()
+            fwd_ms, bwd_ms = cuda_ms(fwd), cuda_ms(lambda: bwd(lse))
+            parts = kernel_breakdown(lambda: (fwd(), bwd(lse)))
+            entry = dict(fwd_ms=round(fwd_ms, 3), bwd_ms=round(bwd_ms, 3), total_ms=round(fwd_ms + bwd_ms, 3),
+                         kernels_ms=parts,
+                         phase_tflops={k: round(PHASE_FLOP / v / 1e9, 1) for k, v in parts.items() if k != "glue"},
+                         config=dataclasses.asdict(cfg))
+        except Exception as err:  # noqa: BLE001 - e.g. out of shared memory for a large tile
+            entry = dict(error=f"{type(err).__name__}: {err}"[:400], config=dataclasses.asdict(cfg))
+        report["variants"][name] = entry
+        print(f"{name:22s}", {k: v for k, v in entry.items() if k != "config"}, flush=True)
+
+    RESULTS.parent.mkdir(exist_ok=True)
+    key = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    previous[key] = report
+    RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
+    print(f"results -> {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
