@@ -31,6 +31,7 @@ PHASE_FLOP = 2 * T * D * V
 RESULTS = Path(__file__).resolve().parent / "results" / "segment_logprob_profile.json"
 
 BASE = kernels.GPU_CONFIG_16BIT
+BEST_SO_FAR = dataclasses.replace(BASE, block_v=256, programs_per_sm=16, dh_block=(128, 256, 64))
 VARIANTS = {
     "default": BASE,
     "pps16": dataclasses.replace(BASE, programs_per_sm=16),
@@ -41,6 +42,14 @@ VARIANTS = {
     "v256_gemm256_pps16": dataclasses.replace(BASE, block_v=256, dw_block=(128, 256, 64),
                                               dh_block=(128, 256, 64), programs_per_sm=16),
     "chunk128mb": dataclasses.replace(BASE, chunk_bytes=128 << 20),
+    "best": BEST_SO_FAR,
+    "best_gt": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True),
+    "best_gt_dw256": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True, dw_block=(128, 256, 64)),
+    "best_gt_dwm256": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True, dw_block=(256, 128, 64)),
+    "best_dwm256": dataclasses.replace(BEST_SO_FAR, dw_block=(256, 128, 64)),
+    "best_chunk128mb": dataclasses.replace(BEST_SO_FAR, chunk_bytes=128 << 20),
+    "best_gt_chunk32mb": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True, chunk_bytes=32 << 20),
+    "best_gt_stages4": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True, num_stages=4),
 }
 
 
@@ -108,8 +117,14 @@ def main() -> None:
             torch.cuda.synchronize()
             fwd_ms, bwd_ms = cuda_ms(fwd), cuda_ms(lambda: bwd(lse))
             parts = kernel_breakdown(lambda: (fwd(), bwd(lse)))
+            torch.cuda.synchronize()
+            base_bytes = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            bwd(lse)
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - base_bytes - (T * D + V * D) * 2  # above dH + dW
             entry = dict(fwd_ms=round(fwd_ms, 3), bwd_ms=round(bwd_ms, 3), total_ms=round(fwd_ms + bwd_ms, 3),
-                         kernels_ms=parts,
+                         kernels_ms=parts, bwd_extra_mb_over_grads=round(extra / 2**20, 1),
                          phase_tflops={k: round(PHASE_FLOP / v / 1e9, 1) for k, v in parts.items() if k != "glue"},
                          config=dataclasses.asdict(cfg))
         except Exception as err:  # noqa: BLE001 - e.g. out of shared memory for a large tile
