@@ -43,13 +43,14 @@ VARIANTS = {
                                               dh_block=(128, 256, 64), programs_per_sm=16),
     "chunk128mb": dataclasses.replace(BASE, chunk_bytes=128 << 20),
     "best": BEST_SO_FAR,
-    "best_gt": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True),
-    "best_gt_dw256": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True, dw_block=(128, 256, 64)),
-    "best_gt_dwm256": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True, dw_block=(256, 128, 64)),
-    "best_dwm256": dataclasses.replace(BEST_SO_FAR, dw_block=(256, 128, 64)),
+    "best_mm": dataclasses.replace(BEST_SO_FAR, dw_by_torch_mm=True),
+    "best_mm_chunk128mb": dataclasses.replace(BEST_SO_FAR, dw_by_torch_mm=True, chunk_bytes=128 << 20),
+    "best_mm_chunk32mb": dataclasses.replace(BEST_SO_FAR, dw_by_torch_mm=True, chunk_bytes=32 << 20),
+    "best_dw_w4s4": dataclasses.replace(BEST_SO_FAR, dw_launch=(4, 4)),
+    "best_dw_w4s3": dataclasses.replace(BEST_SO_FAR, dw_launch=(4, 3)),
+    "best_dw_64x128": dataclasses.replace(BEST_SO_FAR, dw_block=(64, 128, 64), dw_launch=(4, 4)),
+    "best_dw_k32s4": dataclasses.replace(BEST_SO_FAR, dw_block=(128, 128, 32), dw_launch=(8, 4)),
     "best_chunk128mb": dataclasses.replace(BEST_SO_FAR, chunk_bytes=128 << 20),
-    "best_gt_chunk32mb": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True, chunk_bytes=32 << 20),
-    "best_gt_stages4": dataclasses.replace(BEST_SO_FAR, transposed_g_for_dw=True, num_stages=4),
 }
 
 

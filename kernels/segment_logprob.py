@@ -53,9 +53,11 @@ class KernelConfig:
     programs_per_sm: int  # forward: split the vocab until about this many programs per SM
     chunk_bytes: int  # backward: bytes of the G chunk [tokens, chunk of vocab]
     max_chunk_cols: int  # backward: and at most this many vocab columns per chunk
-    # backward: the G kernel also writes Gᵀ [chunk, tokens], so that the dW GEMM reads its A
-    # operand K-contiguous instead of transposing G tiles (one more G-sized buffer).
-    transposed_g_for_dw: bool = False
+    # backward: dW[chunk] = Gᵀ·H[rows] by the vendor GEMM (torch.mm) instead of the Triton
+    # kernel. Costs N (not n_valid) tokens of work, since its shape must be known on the host,
+    # and an [N, D] compacted copy of H; the G kernel then writes zeros past n_valid.
+    dw_by_torch_mm: bool = False
+    dw_launch: tuple[int, int] | None = None  # (num_warps, num_stages) of the dW kernel, if not the common ones
 
 
 GPU_CONFIG_16BIT = KernelConfig(128, 128, 64, (128, 128, 64), (128, 128, 64), 8, 3, 8, 4, 64 << 20, 1 << 30)
@@ -178,31 +180,35 @@ def _token_logprob_fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, n_valid_pt
 
 @triton.jit
 def _token_logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, n_valid_ptr, lse_ptr, grad_ptr, g_ptr,
-                              gt_ptr, N, D, v_start, chunk_len, stride_hn, stride_hd, stride_wv, stride_wd,
-                              stride_gn, stride_gtc, softcap, STORE_GT: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-                              BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                              N, D, v_start, chunk_len, stride_hn, stride_hd, stride_wv, stride_wd,
+                              stride_gn, softcap, ZERO_PAST_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              HAS_SOFTCAP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """G[i, c] = dlogp/dz0 for compacted token i and vocab column v_start + c (recomputed z).
+    Rows i >= n_valid are left unwritten, or set to 0 with ZERO_PAST_VALID (for a GEMM over all N).
 
     With z = softcap·tanh(z0/softcap): dlogp/dz = g·(onehot - p), p = exp(z - lse), and
-    dz/dz0 = 1 - tanh² = 1 - (z/softcap)². With STORE_GT, also Gᵀ[c, i] into gt_ptr.
+    dz/dz0 = 1 - tanh² = 1 - (z/softcap)².
     """
     pid = tl.program_id(0)
     t_blocks = tl.cdiv(N, BLOCK_T)
     pid_t = pid % t_blocks
     pid_v = pid // t_blocks
     n_valid = tl.load(n_valid_ptr)
-    if pid_t * BLOCK_T >= n_valid:
-        return
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_c = offs_c < chunk_len
+    g_out = g_ptr + offs_t.to(tl.int64)[:, None] * stride_gn + offs_c[None, :]
+    if pid_t * BLOCK_T >= n_valid:
+        if ZERO_PAST_VALID:
+            tl.store(g_out, tl.zeros((BLOCK_T, BLOCK_V), dtype=g_ptr.dtype.element_ty),
+                     mask=(offs_t < N)[:, None] & mask_c[None, :])
+        return
     mask_t = offs_t < n_valid
     rows = tl.load(rows_ptr + offs_t, mask=mask_t, other=0)
     tgt = tl.load(tgt_ptr + rows, mask=mask_t, other=-1)
     lse = tl.load(lse_ptr + rows, mask=mask_t, other=0.0)
     grad = tl.load(grad_ptr + rows, mask=mask_t, other=0.0)
-    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_c = offs_c < chunk_len
     offs_v = v_start + offs_c
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_t, offs_v, mask_c, D, stride_hn, stride_hd,
                      stride_wv, stride_wd, softcap, HAS_BIAS, HAS_SOFTCAP, COMPUTE, PRECISION,
@@ -213,12 +219,10 @@ def _token_logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, n_valid_pt
     if HAS_SOFTCAP:
         tanh_z = z / softcap
         gz = gz * (1.0 - tanh_z * tanh_z)
-    g_out = g_ptr + offs_t.to(tl.int64)[:, None] * stride_gn + offs_c[None, :]
-    gz = gz.to(g_ptr.dtype.element_ty)
-    tl.store(g_out, gz, mask=mask_t[:, None] & mask_c[None, :])
-    if STORE_GT:
-        gt_out = gt_ptr + offs_c.to(tl.int64)[:, None] * stride_gtc + offs_t[None, :]  # [BLOCK_V, BLOCK_T]
-        tl.store(gt_out, tl.trans(gz), mask=mask_c[:, None] & mask_t[None, :])
+    if ZERO_PAST_VALID:
+        gz = tl.where(mask_t[:, None], gz, 0.0)
+        mask_t = offs_t < N
+    tl.store(g_out, gz.to(g_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -232,16 +236,14 @@ def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _token_logprob_dw_kernel(g_ptr, h_ptr, rows_ptr, n_valid_ptr, dw_ptr, db_ptr, D, v_start, chunk_len,
-                             stride_gn, stride_hn, stride_hd, stride_dwv, G_TRANSPOSED: tl.constexpr,
-                             HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, COMPUTE: tl.constexpr,
-                             PRECISION: tl.constexpr,
+                             stride_gn, stride_hn, stride_hd, stride_dwv, HAS_DW: tl.constexpr,
+                             HAS_DB: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr):
     """dW[v_start + m, n] = Σ_i G[i, m] · H[rows[i], n] (and dB = Σ_i G[i, m]) over valid i.
 
     One program owns one dW tile and loops over all valid tokens in order: deterministic,
-    fp32 accumulation, written once in the weight dtype. With G_TRANSPOSED, g_ptr holds Gᵀ
-    [chunk, tokens] (row stride stride_gn) and the A tile is read K-contiguous.
+    fp32 accumulation, written once in the weight dtype.
     """
     num_n = 1
     if HAS_DW:
@@ -257,19 +259,15 @@ def _token_logprob_dw_kernel(g_ptr, h_ptr, rows_ptr, n_valid_ptr, dw_ptr, db_ptr
     for k0 in range(0, n_valid, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < n_valid
-        if G_TRANSPOSED:
-            g_t = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * stride_gn + offs_k[None, :],
-                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        else:
-            g_t = tl.trans(tl.load(g_ptr + offs_k.to(tl.int64)[:, None] * stride_gn + offs_m[None, :],
-                                   mask=mask_k[:, None] & mask_m[None, :], other=0.0))  # [BLOCK_M, BLOCK_K]
+        g = tl.load(g_ptr + offs_k.to(tl.int64)[:, None] * stride_gn + offs_m[None, :],
+                    mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         if HAS_DW:
             rows = tl.load(rows_ptr + offs_k, mask=mask_k, other=0)
             h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_n[None, :] * stride_hd,
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-            acc = tl.dot(g_t.to(COMPUTE), h.to(COMPUTE), acc, input_precision=PRECISION)
+            acc = tl.dot(tl.trans(g.to(COMPUTE)), h.to(COMPUTE), acc, input_precision=PRECISION)
         if HAS_DB:
-            db += tl.sum(g_t.to(tl.float32), axis=1)
+            db += tl.sum(g.to(tl.float32), axis=0)
     out_m = (v_start + offs_m).to(tl.int64)
     if HAS_DW:
         tl.store(dw_ptr + out_m[:, None] * stride_dwv + offs_n[None, :], acc.to(dw_ptr.dtype.element_ty),
@@ -410,8 +408,9 @@ def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     chunk = max(unit, min(chunk, cfg.max_chunk_cols // unit * unit, triton.cdiv(v, unit) * unit))
     n_chunks = triton.cdiv(v, chunk)
     g_buf = torch.empty((n, chunk), dtype=dtype, device=hidden.device)  # [N, chunk]
-    use_gt = cfg.transposed_g_for_dw and (need_weight or need_bias)
-    gt_buf = torch.empty((chunk, n), dtype=dtype, device=hidden.device) if use_gt else g_buf  # [chunk, N]
+    dw_by_mm = cfg.dw_by_torch_mm and need_weight and not need_bias
+    # H in compacted order, the mm's B operand; in the compute dtype (mixed inputs promote).
+    hidden_c = hidden.index_select(0, rows).to(dtype) if dw_by_mm else None  # [N, D]
     # fp32 partial dH across chunks (compacted order); one chunk needs none.
     dh_acc = torch.empty((n, d), dtype=torch.float32, device=hidden.device) if need_hidden and n_chunks > 1 else g_buf
     common = _dot_args(dtype, cfg)
@@ -420,17 +419,27 @@ def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         chunk_len = min(chunk, v - v_start)
         _token_logprob_bwd_kernel[(t_blocks * triton.cdiv(chunk_len, cfg.block_v),)](
             hidden, weight, bias if bias is not None else weight, targets, rows, n_valid, lse, grad_logp, g_buf,
-            gt_buf, n, d, v_start, chunk_len, *hidden.stride(), *weight.stride(), g_buf.stride(0), gt_buf.stride(0),
-            float(softcap), STORE_GT=use_gt, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v,
+            n, d, v_start, chunk_len, *hidden.stride(), *weight.stride(), g_buf.stride(0), float(softcap),
+            ZERO_PAST_VALID=dw_by_mm, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v,
             BLOCK_D=cfg.block_d, **common)
-        if need_weight or need_bias:
+        if dw_by_mm:
+            # dW[chunk] = Gᵀ·H_c, rows past n_valid of G are 0. fp32 accumulation inside the
+            # GEMM, one rounding to the weight dtype; deterministic for a given GPU and shape.
+            g_chunk = g_buf[:, :chunk_len]  # [N, chunk_len]
+            if d_weight.dtype == dtype:
+                torch.mm(g_chunk.T, hidden_c, out=d_weight[v_start:v_start + chunk_len])
+            else:
+                d_weight[v_start:v_start + chunk_len] = torch.mm(g_chunk.T, hidden_c)
+        elif need_weight or need_bias:
             bm, bn, bk = cfg.dw_block
+            dw_common = common if cfg.dw_launch is None else dict(
+                common, num_warps=cfg.dw_launch[0], num_stages=cfg.dw_launch[1])
             grid = triton.cdiv(chunk_len, bm) * (triton.cdiv(d, bn) if need_weight else 1)
             _token_logprob_dw_kernel[(grid,)](
-                gt_buf if use_gt else g_buf, hidden, rows, n_valid, d_weight if need_weight else g_buf,
-                d_bias if need_bias else g_buf, d, v_start, chunk_len, (gt_buf if use_gt else g_buf).stride(0),
-                *hidden.stride(), d if not need_weight else d_weight.stride(0), G_TRANSPOSED=use_gt, HAS_DW=need_weight, HAS_DB=need_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
-                **common)
+                g_buf, hidden, rows, n_valid, d_weight if need_weight else g_buf, d_bias if need_bias else g_buf,
+                d, v_start, chunk_len, g_buf.stride(0), *hidden.stride(), d if not need_weight else d_weight.stride(0),
+                HAS_DW=need_weight, HAS_DB=need_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
+                **dw_common)
         if need_hidden:
             bm, bn, bk = cfg.dh_block
             _token_logprob_dh_kernel[(triton.cdiv(n, bm) * triton.cdiv(d, bn),)](

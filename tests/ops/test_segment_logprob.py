@@ -166,6 +166,34 @@ def test_triton_dw_layouts_match_float64(backend, transposed_g, monkeypatch):
         assert_within_budget(name, g, r, e, dtype)
 
 
+TRITON = _backend_param("triton")
+
+
+@pytest.mark.parametrize("dw_by_torch_mm", [False, True], ids=["dw_triton", "dw_mm"])
+@pytest.mark.parametrize("backend", [TRITON])
+def test_triton_dw_paths_match_float64(backend, dw_by_torch_mm, monkeypatch):
+    # dW by the Triton GEMM or by torch.mm over all N compacted rows (KernelConfig.dw_by_torch_mm:
+    # G rows past n_valid must then be written as zeros). Every 4th target is ignored, so the
+    # compacted order differs from the input order and rows past n_valid exist.
+    kernels = importlib.import_module("r3v_fast.kernels.segment_logprob")
+    base = kernels.default_config
+    monkeypatch.setattr(kernels, "default_config",
+                        lambda dtype: dataclasses.replace(base(dtype), dw_by_torch_mm=dw_by_torch_mm))
+    dtype = torch.float32
+    hidden, weight, _, targets = make_inputs(dtype, seed=3)
+    hidden = (hidden * 3).requires_grad_(True)  # big logits: G rows past n_valid would not be 0 by chance
+    weight.requires_grad_(True)
+    grad_out = torch.randn(targets.numel(), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    inputs = (hidden, weight)
+    got, got_grads = run_with_grads(lambda h, w: token_logprob(h, w, targets, backend=backend), inputs, grad_out)
+    ref, ref_grads = run_with_grads(lambda h, w: oracle_token_logprob(h, w, targets), inputs, grad_out)
+    eager, eager_grads = run_with_grads(lambda h, w: oracle_token_logprob(h, w, targets, dtype=dtype),
+                                        inputs, grad_out)
+    assert_within_budget("logp", got, ref, eager, dtype)
+    for name, g, r, e in zip(("d_hidden", "d_weight"), got_grads, ref_grads, eager_grads):
+        assert_within_budget(name, g, r, e, dtype)
+
+
 @pytest.mark.parametrize("wanted", ["hidden", "weight", "bias"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_for_a_subset_of_inputs(backend, wanted):
