@@ -31,26 +31,18 @@ PHASE_FLOP = 2 * T * D * V
 RESULTS = Path(__file__).resolve().parent / "results" / "segment_logprob_profile.json"
 
 BASE = kernels.GPU_CONFIG_16BIT
-BEST_SO_FAR = dataclasses.replace(BASE, block_v=256, programs_per_sm=16, dh_block=(128, 256, 64))
+# The first configuration (all Triton, 128 x 128 tiles), kept as the reference of the tuning.
+FIRST = kernels.KernelConfig(128, 128, 64, (128, 128, 64), (128, 128, 64), 8, 3, 8, 4, 64 << 20, 1 << 30)
 VARIANTS = {
     "default": BASE,
-    "pps16": dataclasses.replace(BASE, programs_per_sm=16),
-    "v256": dataclasses.replace(BASE, block_v=256),
-    "gemm_n256": dataclasses.replace(BASE, dw_block=(128, 256, 64), dh_block=(128, 256, 64)),
-    "stages4": dataclasses.replace(BASE, num_stages=4),
-    "w4_stages4": dataclasses.replace(BASE, num_warps=4, num_stages=4),
-    "v256_gemm256_pps16": dataclasses.replace(BASE, block_v=256, dw_block=(128, 256, 64),
-                                              dh_block=(128, 256, 64), programs_per_sm=16),
+    "first": FIRST,
+    "dw_triton": dataclasses.replace(BASE, dw_by_torch_mm=False),
     "chunk128mb": dataclasses.replace(BASE, chunk_bytes=128 << 20),
-    "best": BEST_SO_FAR,
-    "best_mm": dataclasses.replace(BEST_SO_FAR, dw_by_torch_mm=True),
-    "best_mm_chunk128mb": dataclasses.replace(BEST_SO_FAR, dw_by_torch_mm=True, chunk_bytes=128 << 20),
-    "best_mm_chunk32mb": dataclasses.replace(BEST_SO_FAR, dw_by_torch_mm=True, chunk_bytes=32 << 20),
-    "best_dw_w4s4": dataclasses.replace(BEST_SO_FAR, dw_launch=(4, 4)),
-    "best_dw_w4s3": dataclasses.replace(BEST_SO_FAR, dw_launch=(4, 3)),
-    "best_dw_64x128": dataclasses.replace(BEST_SO_FAR, dw_block=(64, 128, 64), dw_launch=(4, 4)),
-    "best_dw_k32s4": dataclasses.replace(BEST_SO_FAR, dw_block=(128, 128, 32), dw_launch=(8, 4)),
-    "best_chunk128mb": dataclasses.replace(BEST_SO_FAR, chunk_bytes=128 << 20),
+    "chunk32mb": dataclasses.replace(BASE, chunk_bytes=32 << 20),
+    "v128": dataclasses.replace(BASE, block_v=128),
+    "pps4": dataclasses.replace(BASE, programs_per_sm=4),
+    "stages4": dataclasses.replace(BASE, num_stages=4),
+    "dh_n128": dataclasses.replace(BASE, dh_block=(128, 128, 64)),
 }
 
 
@@ -102,7 +94,7 @@ def main() -> None:
     print(f"cuBLAS h·wᵀ (one phase): {cublas_ms:.2f} ms = {report['cublas_phase_tflops']} TFLOP/s")
 
     wanted = os.environ.get("R3V_PROFILE_VARIANTS")
-    names = wanted.split(",") if wanted else list(VARIANTS)
+    names = list(VARIANTS) if wanted in (None, "", "all") else wanted.split(",")
     for name in names:
         cfg = VARIANTS[name]
 

@@ -60,7 +60,12 @@ class KernelConfig:
     dw_launch: tuple[int, int] | None = None  # (num_warps, num_stages) of the dW kernel, if not the common ones
 
 
-GPU_CONFIG_16BIT = KernelConfig(128, 128, 64, (128, 128, 64), (128, 128, 64), 8, 3, 8, 4, 64 << 20, 1 << 30)
+# 16-bit tiles picked on an H100 (bench/profile_segment_logprob_gpu.py, Qwen2-VL-7B head; see
+# bench/results/segment_logprob_profile.json): 128 x 256 logits tiles, 16 forward programs per
+# SM (fewer leave a partial last wave), 128 x 256 dH tiles, and dW by cuBLAS, which ran at
+# twice the rate of the Triton dW kernel (~13 vs ~24 ms) even when paying for all N rows.
+GPU_CONFIG_16BIT = KernelConfig(128, 256, 64, (128, 128, 64), (128, 256, 64), 8, 3, 8, 16, 64 << 20, 1 << 30,
+                                dw_by_torch_mm=True)
 GPU_CONFIG_32BIT = KernelConfig(64, 64, 32, (64, 64, 32), (64, 64, 32), 4, 2, 8, 4, 64 << 20, 1 << 30)
 # The interpreter pays per tl op, not per element: few large tiles, yet small enough that the
 # odd test shapes (T 47, D 123, V 507) span several token, vocab and hidden blocks, two vocab
