@@ -141,34 +141,6 @@ def test_token_logprob_matches_float64(backend, dtype, variant):
 TRITON = _backend_param("triton")
 
 
-@pytest.mark.parametrize("transposed_g", [False, True], ids=["g", "g_transposed"])
-@pytest.mark.parametrize("backend", [TRITON])
-def test_triton_dw_layouts_match_float64(backend, transposed_g, monkeypatch):
-    # The dW GEMM reads G tiles transposed or from the Gᵀ copy (KernelConfig.transposed_g_for_dw);
-    # both must give the float64 gradients. bias + ignored targets exercise dB and the n_valid stop.
-    kernels = importlib.import_module("r3v_fast.kernels.segment_logprob")
-    base = kernels.default_config
-    monkeypatch.setattr(kernels, "default_config",
-                        lambda dtype: dataclasses.replace(base(dtype), transposed_g_for_dw=transposed_g))
-    dtype = torch.float32
-    hidden, weight, bias, targets = make_inputs(dtype, bias=True, seed=3)
-    for t in (hidden, weight, bias):
-        t.requires_grad_(True)
-    grad_out = torch.randn(targets.numel(), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    inputs = (hidden, weight, bias)
-    got, got_grads = run_with_grads(lambda h, w, b: token_logprob(h, w, targets, bias=b, backend=backend),
-                                    inputs, grad_out)
-    ref, ref_grads = run_with_grads(lambda h, w, b: oracle_token_logprob(h, w, targets, b), inputs, grad_out)
-    eager, eager_grads = run_with_grads(lambda h, w, b: oracle_token_logprob(h, w, targets, b, dtype=dtype),
-                                        inputs, grad_out)
-    assert_within_budget("logp", got, ref, eager, dtype)
-    for name, g, r, e in zip(("d_hidden", "d_weight", "d_bias"), got_grads, ref_grads, eager_grads):
-        assert_within_budget(name, g, r, e, dtype)
-
-
-TRITON = _backend_param("triton")
-
-
 @pytest.mark.parametrize("dw_by_torch_mm", [False, True], ids=["dw_triton", "dw_mm"])
 @pytest.mark.parametrize("backend", [TRITON])
 def test_triton_dw_paths_match_float64(backend, dw_by_torch_mm, monkeypatch):
