@@ -4,31 +4,41 @@
 and no weights can be downloaded, so the project trains its own base VLM here, from a seed:
 
 1. a byte-level BPE tokenizer trained on the task's text (questions, worked solutions, the
-   CoT / refine / select / direct prompts), so prompts are short;
-2. a tiny random Qwen2-VL (r3v_fast.model.tiny: the real transformers class at tiny width,
-   112x112 images -> 8x8 patches -> 16 image tokens after the 2x2 merge);
-3. next-token training on the target tokens only (plain HF forward with `labels`, AdamW,
-   linear warm-up then cosine decay) on two sets built from a fresh shapes-math seed stream:
+   CoT / refine / select / direct prompts), so that prompts stay short;
+2. a tiny random Qwen2-VL (r3v_fast.model.tiny: the real transformers class at tiny width).
+   Its processor resizes the 112 px shapes-math images to 84 px: 6x6 patches of 14 px, merged
+   2x2 into 9 image tokens, one per cell of the scenes' 3x3 layout;
+3. next-token training on target tokens only (plain HF forward with `labels`, AdamW, linear
+   warm-up then cosine decay). Every step's batch mixes
+   - scene captions ("The image shows 2 red circles and 1 blue square: 3 objects."), the dense
+     perception signal: colour, shape and count of everything in the image;
    - direct-answer QA over every question type, with its own short prompt (question + "reply
-     with the answer only"), which teaches perception (colours, shapes, counts) and the
-     `Answer: N` line;
-   - a small templated CoT warm-up set (`shapes.template_cot`) with the CoT prompt of
-     r3v_fast.data.prompts, drawn mostly from the easy counting types and only sparsely
-     from the harder ones, so the model writes "I see ... Answer: N" but reasons weakly on
-     remove / add questions. This mirrors the paper's base models, whose zero-shot CoT is
-     weak; R³V then has something to lift.
-The result is saved as an ordinary HF directory (config.json, model.safetensors, tokenizer and
-processor files) that `r3v_fast.model.loading.load_vlm` loads like a real checkpoint.
-The shipped copy lives in r3v_fast/assets/tiny-vlm.
+     with the final answer only"), which teaches the `Answer: N` line;
+   - text-only arithmetic ("Work out 8 - 3." -> "8 - 3 = 5"), the sums and differences that
+     worked solutions write; a tiny language model does not bring them along;
+   - a SMALL templated CoT warm-up set (`shapes.template_cot` with the CoT prompt of
+     r3v_fast.data.prompts), drawn almost only from the easy counting types, so the model
+     writes "I see ... Answer: N" but reasons weakly on the remove / add questions. This mirrors
+     the paper's base models, whose zero-shot CoT is weak: R³V has something to lift.
+   Captions and direct QA are drawn fresh at every step (a seeded stream), so the model learns
+   to look rather than to remember scenes.
+The result is an ordinary HF directory (config.json, model.safetensors, tokenizer and
+processor files) that `r3v_fast.model.loading.load_vlm` loads like a real checkpoint, plus
+`pretrain.json` (configuration, loss curve, wall time). The shipped copy is
+r3v_fast/assets/tiny-vlm.
 
-Held-out hygiene: pretraining items never repeat a question of the default shapes-math test
-split (same question about the same objects in the same cells), which the default run scores.
+Held-out hygiene: no pretraining item repeats a question of the default shapes-math test
+split (same question about the same objects in the same cells), and no caption describes one
+of its scenes.
 
-Determinism: the model init, the data stream and the batch order all come from `seed`, and
-training runs with a fixed number of intra-op threads (1 by default), so the same seed gives
-the same checkpoint bytes on the same machine.
+Determinism: model init, data streams and batch order all derive from `seed`, and training
+runs with a fixed number of intra-op threads (1 by default), so the same seed gives the same
+checkpoint bytes on the same machine.
 
     python -m r3v_fast.model.pretrain --out DIR [--seed S] [--evaluate]
+    (the default seed, SHIPPED_SEED = 1, rebuilds the shipped checkpoint: same bytes on the same
+    machine; seed 0 gives a base whose zero-shot CoT is already near its direct-answer ceiling)
+    (also: python -m r3v_fast.model.tiny pretrain --out DIR ...)
 """
 
 from __future__ import annotations
@@ -54,9 +64,11 @@ __all__ = ["PretrainConfig", "DIRECT_INSTRUCTION", "direct_messages", "tokenizer
            "pretrain", "evaluate_checkpoint", "main"]
 
 PACKAGED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-vlm"
+SHIPPED_SEED = 1  # the seed of the shipped checkpoint (with PretrainConfig's defaults)
 
 DIRECT_INSTRUCTION = "Reply with the final answer only, as \"Answer: <answer>\"."
 CAPTION_PROMPT = "List the objects in the image by colour and shape."
+ARITHMETIC_PROMPT = "Work out {expression}."
 EASY_TYPES = tuple(t for t, level in QUESTION_TYPES.items() if level <= 2)
 
 
@@ -78,6 +90,7 @@ class PretrainConfig:
     batch_caption: int = 12
     batch_direct: int = 16
     batch_cot: int = 4
+    batch_arithmetic: int = 4          # text-only sums and differences, as the CoT steps write them
     n_cot_easy: int = 300              # the CoT warm-up set: counting types (level <= 2) ...
     n_cot_hard: int = 20               # ... and a few of the harder types (level >= 3)
     exclude_test_seed: int | None = 0  # skip items of this default test split (None: no check)
@@ -93,7 +106,7 @@ class PretrainConfig:
 
     @property
     def batch_size(self) -> int:
-        return self.batch_caption + self.batch_direct + self.batch_cot
+        return self.batch_caption + self.batch_direct + self.batch_cot + self.batch_arithmetic
 
 
 # -- prompts and data -----------------------------------------------------------------------------
@@ -120,6 +133,30 @@ def scene_caption(objects: list[dict]) -> str:
                 groups.append(f"{n} {color} {shape}" + ("" if n == 1 else "s"))
     listing = groups[0] if len(groups) == 1 else ", ".join(groups[:-1]) + " and " + groups[-1]
     return f"The image shows {listing}: {len(objects)} object{'' if len(objects) == 1 else 's'}."
+
+
+def arithmetic_messages(expression: str) -> list[dict]:
+    """Text-only chat messages asking to evaluate `expression` ('7 - 2', '1 + 2 + 1')."""
+    return [{"role": "user", "content": [{"type": "text", "text": ARITHMETIC_PROMPT.format(expression=expression)}]}]
+
+
+def _arithmetic_stream(name: str) -> Iterator[str]:
+    """Endless '<expression> = <value>' lines in the shapes of the template CoT's arithmetic:
+    mostly two terms of 0-9 ('8 - 3 = 5', '2 + 4 = 6'), sometimes three or four small terms
+    ('2 + 1 + 3 = 6', '3 + 2 - 1 = 4'); no partial result below 0."""
+    rng = random.Random(name)
+    while True:
+        n_terms = rng.choices((2, 3, 4), weights=(6, 3, 1))[0]
+        top = 9 if n_terms == 2 else 5
+        value = rng.randint(0, top)
+        text = str(value)
+        for _ in range(n_terms - 1):
+            b = rng.randint(0, top)
+            if rng.random() < 0.5 and value - b >= 0:
+                value, text = value - b, f"{text} - {b}"
+            else:
+                value, text = value + b, f"{text} + {b}"
+        yield f"{text} = {value}"
 
 
 @dataclass
@@ -175,6 +212,8 @@ def tokenizer_corpus(seed: int = 0, n_items: int = 600) -> list[str]:
     texts = list(DEFAULT_TOKENIZER_TEXTS)
     texts += [prompts.COT_INSTRUCTION, prompts.REFINE_INSTRUCTION, prompts.SELECT_INSTRUCTION,
               DIRECT_INSTRUCTION, CAPTION_PROMPT, "user\nassistant\n"]
+    arithmetic = _arithmetic_stream(f"r3v-tiny-vlm/{seed}/tokenizer-arithmetic")
+    texts += [ARITHMETIC_PROMPT.format(expression=next(arithmetic)) for _ in range(200)]
     texts += [f"Model's prediction {i}:" for i in range(1, 10)] + ["Model's prediction:"]
     stream = _stream(f"r3v-tiny-vlm/{seed}/tokenizer", 112, set(), render=False)
     for _ in range(n_items):
@@ -190,7 +229,7 @@ class _Example:
     prompt_ids: list[int]   # rendered chat prompt with the image tokens expanded
     target_ids: list[int]   # target tokens + end-of-turn
     image: object
-    kind: str               # "caption" | "direct" | "cot"
+    kind: str               # "caption" | "direct" | "cot" | "arithmetic" (image None)
     prompt_token_types: list[int] | None = None  # processor's mm_token_type_ids (1 = image), if any
 
 
@@ -202,6 +241,18 @@ class _Encoder:
 
     def __init__(self, processor, end_of_turn: int):
         self.processor, self.end_of_turn, self.cache = processor, end_of_turn, {}
+        self.token_types = False  # whether the processor returns mm_token_type_ids (set on first use)
+
+    def arithmetic(self, line: str) -> _Example:
+        expression, _ = line.split(" = ")
+        text = prompts.render(self.processor, arithmetic_messages(expression))
+        if text not in self.cache:
+            encoded = self.processor.tokenizer(text, add_special_tokens=False)
+            self.cache[text] = (list(map(int, encoded["input_ids"])), None)
+        prompt_ids = self.cache[text][0]
+        target_ids = self.processor.tokenizer(line, add_special_tokens=False)["input_ids"]
+        return _Example(prompt_ids, target_ids + [self.end_of_turn], None, "arithmetic",
+                        [0] * len(prompt_ids) if self.token_types else None)
 
     def __call__(self, item: _Item, kind: str) -> _Example:
         r = item.record
@@ -218,6 +269,7 @@ class _Encoder:
             # transformers >= 5.2x computes M-RoPE from the processor's token types; older
             # versions derive them from input_ids and return none.
             types = encoded.get("mm_token_type_ids")
+            self.token_types = types is not None
             self.cache[key] = (list(map(int, encoded["input_ids"][0])),
                                None if types is None else list(map(int, types[0])))
         prompt_ids, types = self.cache[key]
@@ -239,11 +291,13 @@ def _collate(batch: list[_Example], processor, pad: int) -> dict[str, torch.Tens
         attention_mask[i, :len(ids)] = 1
         if e.prompt_token_types is not None:
             token_types[i, :len(e.prompt_ids)] = torch.tensor(e.prompt_token_types)
-    images = processor.image_processor(images=[e.image for e in batch], return_tensors="pt")
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                  pixel_values=images["pixel_values"],        # [B * patches, C * t * p * p]
-                  image_grid_thw=images["image_grid_thw"])    # [B, 3]
-    if batch[0].prompt_token_types is not None:
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    with_image = [e.image for e in batch if e.image is not None]
+    if with_image:  # the model scatters image features onto the image tokens, row by row
+        images = processor.image_processor(images=with_image, return_tensors="pt")
+        inputs.update(pixel_values=images["pixel_values"],        # [B_img * patches, C * t * p * p]
+                      image_grid_thw=images["image_grid_thw"])    # [B_img, 3]
+    if any(e.prompt_token_types is not None for e in batch):
         inputs["mm_token_type_ids"] = token_types
     return inputs
 
@@ -285,9 +339,10 @@ def pretrain(out_dir, seed: int = 0, *, config: PretrainConfig | None = None, lo
     names) applied. Also writes `pretrain.json` (the configuration, losses and wall time).
     """
     cfg = replace(config or PretrainConfig(), seed=seed, **overrides)
-    if min(cfg.batch_caption, cfg.batch_direct, cfg.batch_cot) < 0 or cfg.batch_size == 0:
-        raise ValueError(f"batch composition must be non-negative and non-empty, got {cfg.batch_caption} "
-                         f"captions + {cfg.batch_direct} direct + {cfg.batch_cot} CoT")
+    parts = (cfg.batch_caption, cfg.batch_direct, cfg.batch_cot, cfg.batch_arithmetic)
+    if min(parts) < 0 or cfg.batch_size == 0 or cfg.batch_size == cfg.batch_arithmetic:
+        raise ValueError(f"batch composition must be non-negative with at least one image example, got "
+                         f"{parts} (captions, direct, CoT, arithmetic)")
     if cfg.batch_cot and cfg.n_cot_easy + cfg.n_cot_hard == 0:
         raise ValueError("batch_cot > 0 needs a CoT warm-up set (n_cot_easy + n_cot_hard > 0)")
     t_start = time.time()
@@ -325,10 +380,11 @@ def _train(cfg: PretrainConfig, out: Path, log) -> dict:
                for item in itertools.islice(_stream(f"{base}/{name}", cfg.image_size, avoid, types), n)]
     captions = _stream(f"{base}/caption", cfg.image_size, avoid, captions=True)
     direct = _stream(f"{base}/direct", cfg.image_size, avoid)
+    arithmetic = _arithmetic_stream(f"{base}/arithmetic")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"tiny Qwen2-VL: {n_params / 1e6:.2f} M parameters, vocab {len(processor.tokenizer)}; "
         f"{cfg.steps} steps of {cfg.batch_caption} captions + {cfg.batch_direct} direct QA (fresh) + "
-        f"{cfg.batch_cot} CoT from a warm-up set of {len(cot_set)}")
+        f"{cfg.batch_arithmetic} arithmetic + {cfg.batch_cot} CoT from a warm-up set of {len(cot_set)}")
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
@@ -338,7 +394,8 @@ def _train(cfg: PretrainConfig, out: Path, log) -> dict:
     t0 = time.time()
     for step in range(cfg.steps):
         batch = ([encode(next(captions), "caption") for _ in range(cfg.batch_caption)]
-                 + [encode(next(direct), "direct") for _ in range(cfg.batch_direct)])
+                 + [encode(next(direct), "direct") for _ in range(cfg.batch_direct)]
+                 + [encode.arithmetic(next(arithmetic)) for _ in range(cfg.batch_arithmetic)])
         for _ in range(cfg.batch_cot):
             if not cot_order:  # next pass over the warm-up set, freshly shuffled
                 cot_order = list(range(len(cot_set)))
@@ -416,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r3v_fast.model.pretrain",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output model directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=SHIPPED_SEED,
+                        help="(default: %(default)s, the shipped checkpoint's seed)")
     parser.add_argument("--evaluate", action="store_true",
                         help="afterwards, report per-type accuracy on the default test split")
     defaults = PretrainConfig()
