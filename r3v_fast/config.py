@@ -31,6 +31,8 @@ class RunConfig:
     warmup_data: str | None = None    # warm-up set kept in every mix (direct QA / worked CoT)
     data_format: str = "auto"         # auto | jsonl | mmsi | chartqa | tabmwp | clevr-math | geoqa | m3cot
     image_root: str | None = None
+    shapes_train: int = 600           # size of the embedded shapes-math train split (no --data)
+    shapes_test: int = 200            # size of its test split
     max_train_questions: int | None = None
     max_test_questions: int | None = None
     trust_remote_code: bool = False
@@ -89,9 +91,11 @@ class RunConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(iterations=3, k=3, max_new_tokens=48, eval_ks="1,3", epochs=2, lr=1e-3,
-                    batch_size=32, max_tokens=4096, max_length=512, lora_r=0, warmup_steps=5,
-                    sample_batch_size=32, chunk_size=100, eval_max_new_tokens=48),
+    # The embedded default: full fine-tuning of the 1.1 M-parameter model, each iteration
+    # continuing from the previous one (init="previous"), on 1500 shapes-math questions.
+    "default": dict(iterations=3, k=3, max_new_tokens=48, eval_ks="1,3", epochs=3, lr=3e-4,
+                    init="previous", shapes_train=1500, batch_size=32, max_tokens=4096, max_length=512,
+                    lora_r=0, warmup_steps=5, sample_batch_size=32, chunk_size=100, eval_max_new_tokens=48),
     "smoke": dict(iterations=1, k=3, max_new_tokens=24, eval_ks="1,3", epochs=1, lr=1e-3, batch_size=16,
                   max_tokens=2048, max_length=384, lora_r=0, warmup_steps=1, max_train_questions=24,
                   max_test_questions=12, sample_batch_size=12, chunk_size=8),

@@ -58,7 +58,7 @@ def load_run_data(cfg: RunConfig):
     if cfg.data is None:
         from r3v_fast.data.shapes import default_dataset
 
-        root = default_dataset()
+        root = default_dataset(n_train=cfg.shapes_train, n_test=cfg.shapes_test)
         train, test, warmup = (load(root / f"{name}.jsonl", name) for name in ("train", "test", "warmup"))
     else:
         train = load(cfg.data, "train")
