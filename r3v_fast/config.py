@@ -92,9 +92,9 @@ class RunConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: full fine-tuning of the 1.1 M-parameter model, each iteration
-    # continuing from the previous one (init="previous"), on 1500 shapes-math questions.
+    # continuing from the previous one (init="previous"), on 2000 shapes-math questions.
     "default": dict(iterations=3, k=3, max_new_tokens=48, eval_ks="1,3", epochs=3, lr=3e-4,
-                    init="previous", shapes_train=1500, batch_size=32, max_tokens=4096, max_length=512,
+                    init="previous", shapes_train=2000, batch_size=32, max_tokens=4096, max_length=512,
                     lora_r=0, warmup_steps=5, sample_batch_size=32, chunk_size=100, eval_max_new_tokens=48),
     "smoke": dict(iterations=1, k=3, max_new_tokens=24, eval_ks="1,3", epochs=1, lr=1e-3, batch_size=16,
                   max_tokens=2048, max_length=384, lora_r=0, warmup_steps=1, max_train_questions=24,
