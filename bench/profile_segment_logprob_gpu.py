@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench_segment_logprob_gpu import cuda_ms  # this folder is on sys.path when run as a script
 from r3v_fast.kernels import segment_logprob as kernels
 
 T = int(os.environ.get("R3V_BENCH_T", 8192))
@@ -46,21 +47,6 @@ VARIANTS = {
 }
 
 
-def cuda_ms(fn, warmup=2, rounds=7) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def kernel_breakdown(fn) -> dict[str, float]:
     """Milliseconds of device time per kernel family for one call of fn (after a warm-up)."""
     fn()
@@ -79,6 +65,8 @@ def kernel_breakdown(fn) -> dict[str, float]:
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_segment_logprob_gpu: needs a CUDA device")
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(T, D, device="cuda", generator=g, dtype=torch.bfloat16)
     weight = (torch.randn(V, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)
