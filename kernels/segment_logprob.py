@@ -414,8 +414,14 @@ def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     n_chunks = triton.cdiv(v, chunk)
     g_buf = torch.empty((n, chunk), dtype=dtype, device=hidden.device)  # [N, chunk]
     dw_by_mm = cfg.dw_by_torch_mm and need_weight and not need_bias
-    # H in compacted order, the mm's B operand; in the compute dtype (mixed inputs promote).
-    hidden_c = hidden.index_select(0, rows).to(dtype) if dw_by_mm else None  # [N, D]
+    hidden_c = None
+    if dw_by_mm:
+        # H in compacted order, the mm's B operand, in the compute dtype (mixed inputs promote).
+        # Rows past n_valid are zeroed: G is 0 there, and 0 * (NaN/inf in an ignored position's
+        # hidden state) would otherwise reach dW.
+        past_valid = (torch.arange(n, device=hidden.device) >= n_valid)[:, None]  # [N, 1]
+        hidden_c = hidden.index_select(0, rows).to(dtype)  # [N, D], a fresh tensor
+        hidden_c.masked_fill_(past_valid, 0.0)  # in place: no second [N, D] buffer
     # fp32 partial dH across chunks (compacted order); one chunk needs none.
     dh_acc = torch.empty((n, d), dtype=torch.float32, device=hidden.device) if need_hidden and n_chunks > 1 else g_buf
     common = _dot_args(dtype, cfg)

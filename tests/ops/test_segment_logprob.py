@@ -165,6 +165,14 @@ def test_triton_dw_paths_match_float64(backend, dw_by_torch_mm, monkeypatch):
     for name, g, r, e in zip(("d_hidden", "d_weight"), got_grads, ref_grads, eager_grads):
         assert_within_budget(name, g, r, e, dtype)
 
+    # Non-finite hidden states at ignored positions (e.g. padding) count nowhere, in any dW path.
+    poisoned = hidden.detach().clone()
+    poisoned[targets == -100] = float("nan")
+    got2, got2_grads = run_with_grads(lambda h, w: token_logprob(h, w, targets, backend=backend),
+                                      (poisoned.requires_grad_(True), weight), grad_out)
+    assert torch.equal(got2, got) and torch.isfinite(got2_grads[1]).all()
+    assert torch.equal(got2_grads[1], got_grads[1])
+
 
 @pytest.mark.parametrize("wanted", ["hidden", "weight", "bias"])
 @pytest.mark.parametrize("backend", BACKENDS)
