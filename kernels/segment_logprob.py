@@ -12,7 +12,9 @@ The [tokens x vocab] logits are never stored whole:
   G = g * (onehot - softmax) * softcap' for the valid tokens; then two plain GEMM kernels
   ``_token_logprob_dw_kernel`` (dW[chunk] = Gᵀ·H, one program per dW tile looping over all
   tokens) and ``_token_logprob_dh_kernel`` (dH += G·W[chunk], one program per dH tile)
-  consume it. Each output tile has a single owner and a fixed reduction order: no atomics,
+  consume it. With ``KernelConfig.dw_by_torch_mm`` (the 16-bit GPU default: on an H100 the
+  vendor GEMM ran this product twice as fast as the Triton kernel) dW[chunk] is a torch.mm
+  over all N compacted rows instead, with G and H zeroed past n_valid. Each output tile has a single owner and a fixed reduction order: no atomics,
   so results are bitwise reproducible run to run. Total work is the 8·T·D·V of
   forward + backward (the logits are recomputed once, in the G kernel).
 
