@@ -14,9 +14,10 @@ The [tokens x vocab] logits are never stored whole:
   tokens) and ``_token_logprob_dh_kernel`` (dH += G·W[chunk], one program per dH tile)
   consume it. With ``KernelConfig.dw_by_torch_mm`` (the 16-bit GPU default: on an H100 the
   vendor GEMM ran this product twice as fast as the Triton kernel) dW[chunk] is a torch.mm
-  over all N compacted rows instead, with G and H zeroed past n_valid. Each output tile has a single owner and a fixed reduction order: no atomics,
-  so results are bitwise reproducible run to run. Total work is the 8·T·D·V of
-  forward + backward (the logits are recomputed once, in the G kernel).
+  over all N compacted rows instead, with G and H zero past n_valid. Each output tile has a
+  single owner and a fixed reduction order: no atomics, so results are bitwise reproducible
+  run to run. Total work is the 8·T·D·V of forward + backward (the logits are recomputed
+  once, in the G kernel).
 
 Only target tokens cost work: the valid positions are compacted by a stable sort into a
 static-size index (valid first) plus a device-side count ``n_valid``; programs past the count
@@ -57,9 +58,9 @@ class KernelConfig:
     max_chunk_cols: int  # backward: and at most this many vocab columns per chunk
     # backward: dW[chunk] = Gᵀ·H[rows] by the vendor GEMM (torch.mm) instead of the Triton
     # kernel. Costs N (not n_valid) tokens of work, since its shape must be known on the host,
-    # and an [N, D] compacted copy of H; the G kernel then writes zeros past n_valid.
+    # and an [N, D] compacted copy of H; the G buffer then starts zeroed (rows past n_valid
+    # are never written).
     dw_by_torch_mm: bool = False
-    dw_launch: tuple[int, int] | None = None  # (num_warps, num_stages) of the dW kernel, if not the common ones
 
 
 # 16-bit tiles picked on an H100 (bench/profile_segment_logprob_gpu.py, Qwen2-VL-7B head; see
@@ -188,11 +189,11 @@ def _token_logprob_fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, n_valid_pt
 @triton.jit
 def _token_logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, n_valid_ptr, lse_ptr, grad_ptr, g_ptr,
                               N, D, v_start, chunk_len, stride_hn, stride_hd, stride_wv, stride_wd,
-                              stride_gn, softcap, ZERO_PAST_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              HAS_SOFTCAP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                              BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                              stride_gn, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """G[i, c] = dlogp/dz0 for compacted token i and vocab column v_start + c (recomputed z).
-    Rows i >= n_valid are left unwritten, or set to 0 with ZERO_PAST_VALID (for a GEMM over all N).
+    Rows i >= n_valid are never written.
 
     With z = softcap·tanh(z0/softcap): dlogp/dz = g·(onehot - p), p = exp(z - lse), and
     dz/dz0 = 1 - tanh² = 1 - (z/softcap)².
@@ -202,20 +203,16 @@ def _token_logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, n_valid_pt
     pid_t = pid % t_blocks
     pid_v = pid // t_blocks
     n_valid = tl.load(n_valid_ptr)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_c = offs_c < chunk_len
-    g_out = g_ptr + offs_t.to(tl.int64)[:, None] * stride_gn + offs_c[None, :]
     if pid_t * BLOCK_T >= n_valid:
-        if ZERO_PAST_VALID:
-            tl.store(g_out, tl.zeros((BLOCK_T, BLOCK_V), dtype=g_ptr.dtype.element_ty),
-                     mask=(offs_t < N)[:, None] & mask_c[None, :])
         return
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < n_valid
     rows = tl.load(rows_ptr + offs_t, mask=mask_t, other=0)
     tgt = tl.load(tgt_ptr + rows, mask=mask_t, other=-1)
     lse = tl.load(lse_ptr + rows, mask=mask_t, other=0.0)
     grad = tl.load(grad_ptr + rows, mask=mask_t, other=0.0)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_c = offs_c < chunk_len
     offs_v = v_start + offs_c
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_t, offs_v, mask_c, D, stride_hn, stride_hd,
                      stride_wv, stride_wd, softcap, HAS_BIAS, HAS_SOFTCAP, COMPUTE, PRECISION,
@@ -226,9 +223,7 @@ def _token_logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, n_valid_pt
     if HAS_SOFTCAP:
         tanh_z = z / softcap
         gz = gz * (1.0 - tanh_z * tanh_z)
-    if ZERO_PAST_VALID:
-        gz = tl.where(mask_t[:, None], gz, 0.0)
-        mask_t = offs_t < N
+    g_out = g_ptr + offs_t.to(tl.int64)[:, None] * stride_gn + offs_c[None, :]
     tl.store(g_out, gz.to(g_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_c[None, :])
 
 
@@ -414,13 +409,15 @@ def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     chunk = cfg.chunk_bytes // (max(n, 1) * torch.finfo(dtype).bits // 8) // unit * unit
     chunk = max(unit, min(chunk, cfg.max_chunk_cols // unit * unit, triton.cdiv(v, unit) * unit))
     n_chunks = triton.cdiv(v, chunk)
-    g_buf = torch.empty((n, chunk), dtype=dtype, device=hidden.device)  # [N, chunk]
     dw_by_mm = cfg.dw_by_torch_mm and need_weight and not need_bias
+    # [N, chunk]. The G kernel never writes rows past n_valid; the mm over all N rows needs
+    # them 0 (not stale memory, which may hold NaN), so that buffer starts zeroed, once.
+    g_buf = (torch.zeros if dw_by_mm else torch.empty)((n, chunk), dtype=dtype, device=hidden.device)
     hidden_c = None
     if dw_by_mm:
         # H in compacted order, the mm's B operand, in the compute dtype (mixed inputs promote).
-        # Rows past n_valid are zeroed: G is 0 there, and 0 * (NaN/inf in an ignored position's
-        # hidden state) would otherwise reach dW.
+        # Rows past n_valid are zeroed as well: 0 * (NaN/inf in an ignored position's hidden
+        # state) would otherwise reach dW.
         past_valid = (torch.arange(n, device=hidden.device) >= n_valid)[:, None]  # [N, 1]
         hidden_c = hidden.index_select(0, rows).to(dtype)  # [N, D], a fresh tensor
         hidden_c.masked_fill_(past_valid, 0.0)  # in place: no second [N, D] buffer
@@ -433,7 +430,7 @@ def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         _token_logprob_bwd_kernel[(t_blocks * triton.cdiv(chunk_len, cfg.block_v),)](
             hidden, weight, bias if bias is not None else weight, targets, rows, n_valid, lse, grad_logp, g_buf,
             n, d, v_start, chunk_len, *hidden.stride(), *weight.stride(), g_buf.stride(0), float(softcap),
-            ZERO_PAST_VALID=dw_by_mm, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v,
             BLOCK_D=cfg.block_d, **common)
         if dw_by_mm:
             # dW[chunk] = Gᵀ·H_c, rows past n_valid of G are 0. fp32 accumulation inside the
@@ -445,14 +442,12 @@ def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                 d_weight[v_start:v_start + chunk_len] = torch.mm(g_chunk.T, hidden_c)
         elif need_weight or need_bias:
             bm, bn, bk = cfg.dw_block
-            dw_common = common if cfg.dw_launch is None else dict(
-                common, num_warps=cfg.dw_launch[0], num_stages=cfg.dw_launch[1])
             grid = triton.cdiv(chunk_len, bm) * (triton.cdiv(d, bn) if need_weight else 1)
             _token_logprob_dw_kernel[(grid,)](
                 g_buf, hidden, rows, n_valid, d_weight if need_weight else g_buf, d_bias if need_bias else g_buf,
                 d, v_start, chunk_len, g_buf.stride(0), *hidden.stride(), d if not need_weight else d_weight.stride(0),
                 HAS_DW=need_weight, HAS_DB=need_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
-                **dw_common)
+                **common)
         if need_hidden:
             bm, bn, bk = cfg.dh_block
             _token_logprob_dh_kernel[(triton.cdiv(n, bm) * triton.cdiv(d, bn),)](
