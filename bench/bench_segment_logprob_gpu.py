@@ -16,13 +16,12 @@ Each entry: median ms (CUDA events), TFLOP/s counted as 8·T·D·V, peak memory 
 inputs, that memory over the gradient buffers (dH + dW), and time over r3v_fast's. Results go
 to bench/results/<device>.json (merged with what is there). Targets (issue 5): r3v_fast
 <= 70 ms, >= 1.5x faster than liger and compiled_chunked_ce, memory <= 1.1x the gradients.
-R3V_BENCH_SWEEP=1 also times a few Triton tile configurations (for tuning).
+Tile tuning, kernel by kernel: bench/profile_segment_logprob_gpu.py.
 Run: python -m pytest bench/bench_segment_logprob_gpu.py -q -s   (or bash bench/gpu_check.sh)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -183,8 +182,7 @@ def write_results():
     path = RESULTS_DIR / f"{_device_key()}.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     previous.setdefault("segment_logprob_gpu", {})
-    sweep = previous["segment_logprob_gpu"].get("sweep")
-    previous["segment_logprob_gpu"] = summary | ({"sweep": sweep} if sweep and "sweep" not in summary else {})
+    previous["segment_logprob_gpu"] = summary
     path.write_text(json.dumps(previous, indent=2) + "\n")
     print(f"\nresults -> {path}")
     for name, entry in RESULTS.items():
@@ -211,48 +209,3 @@ def test_fused_loss_speed_and_memory(name, benchmark):
         torch.cuda.synchronize()
 
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
-
-
-@pytest.mark.skipif(os.environ.get("R3V_BENCH_SWEEP") != "1", reason="set R3V_BENCH_SWEEP=1 to sweep tile configs")
-def test_tile_config_sweep():
-    """Forward and backward kernel time for a few tile configurations (no autograd, no peers)."""
-    from r3v_fast.kernels import segment_logprob as kernels
-
-    hidden, weight, targets = make_inputs()
-    hidden, weight = hidden.detach(), weight.detach()
-    valid = targets != -100
-    grad = torch.full((T,), 1.0 / T, device="cuda")
-    base = kernels.GPU_CONFIG_16BIT
-    variants = {
-        "default": base,
-        "fwd_v256": dataclasses.replace(base, block_v=256),
-        "fwd_t64_v256": dataclasses.replace(base, block_t=64, block_v=256),
-        "fwd_t256": dataclasses.replace(base, block_t=256),
-        "stages4": dataclasses.replace(base, num_stages=4),
-        "gemm_n256": dataclasses.replace(base, dw_block=(128, 256, 64), dh_block=(128, 256, 64)),
-        "chunk_32mb": dataclasses.replace(base, chunk_bytes=32 << 20),
-        "chunk_128mb": dataclasses.replace(base, chunk_bytes=128 << 20),
-    }
-    sweep = {}
-    for name, cfg in variants.items():
-        def fwd():
-            return kernels.token_logprob_fwd(hidden, weight, None, targets, valid, 0.0, config=cfg)
-
-        def bwd(lse):
-            return kernels.token_logprob_bwd(hidden, weight, None, targets, valid, lse, grad, 0.0, True, True, False,
-                                             config=cfg)
-        try:
-            _, lse = fwd()
-            bwd(lse)
-            torch.cuda.synchronize()
-            fwd_ms, bwd_ms = cuda_ms(fwd, 1, 5), cuda_ms(lambda: bwd(lse), 1, 5)
-            sweep[name] = dict(config=dataclasses.asdict(cfg), fwd_ms=round(fwd_ms, 3), bwd_ms=round(bwd_ms, 3),
-                               total_ms=round(fwd_ms + bwd_ms, 3))
-        except Exception as err:  # noqa: BLE001 - e.g. out of shared memory for a large tile
-            sweep[name] = dict(config=dataclasses.asdict(cfg), error=f"{type(err).__name__}: {err}"[:300])
-        print(name, sweep[name].get("total_ms", sweep[name].get("error")))
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{_device_key()}.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    previous.setdefault("segment_logprob_gpu", {})["sweep"] = sweep
-    path.write_text(json.dumps(previous, indent=2) + "\n")

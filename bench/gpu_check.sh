@@ -6,7 +6,7 @@
 #    (editable, no build isolation; the C++ extension is optional);
 # 2. runs the op's tests on the GPU (every test of tests/ops/test_segment_logprob.py runs on
 #    CUDA tensors there: fp32/fp16/bf16, int64 offsets, no-sync check, Inductor);
-# 3. runs the GPU benchmark (+ the tile-config sweep with R3V_BENCH_SWEEP=1) and the per-kernel profile.
+# 3. runs the GPU benchmark and the per-kernel profile of the fused loss.
 # Writes bench/results/<device>.json, bench/results/gpu_tests.xml, bench/results/gpu_check.log.
 # Exit status: non-zero if the install, a test or a benchmark failed (the later steps still run).
 set -uo pipefail
@@ -54,7 +54,6 @@ python -m pytest tests/ops/test_segment_logprob.py tests/reference/test_segment_
     -p no:cacheprovider --junitxml=bench/results/gpu_tests.xml || status=1
 
 echo "== GPU benchmark"
-export R3V_BENCH_SWEEP="${R3V_BENCH_SWEEP:-0}"
 python -m pytest bench/bench_segment_logprob_gpu.py -q -s -rs -p no:cacheprovider \
     --benchmark-json=bench/results/gpu_pytest_benchmark.json || status=1
 

@@ -16,18 +16,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from bench_segment_logprob_gpu import cuda_ms  # this folder is on sys.path when run as a script
+# This folder is on sys.path when the script runs: the benchmark's shape, inputs and timer.
+from bench_segment_logprob_gpu import D, T, V, _device_key, cuda_ms, make_inputs
 from r3v_fast.kernels import segment_logprob as kernels
 
-T = int(os.environ.get("R3V_BENCH_T", 8192))
-D = int(os.environ.get("R3V_BENCH_D", 3584))
-V = int(os.environ.get("R3V_BENCH_V", 151_936))
 PHASE_FLOP = 2 * T * D * V
 RESULTS = Path(__file__).resolve().parent / "results" / "segment_logprob_profile.json"
 
@@ -67,10 +64,8 @@ def kernel_breakdown(fn) -> dict[str, float]:
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_segment_logprob_gpu: needs a CUDA device")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(T, D, device="cuda", generator=g, dtype=torch.bfloat16)
-    weight = (torch.randn(V, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)
-    targets = torch.randint(0, V, (T,), device="cuda", generator=g)
+    hidden, weight, targets = make_inputs()  # the benchmark's inputs (same seed), without autograd
+    hidden, weight = hidden.detach(), weight.detach()
     valid = targets != -100
     grad = torch.full((T,), 1.0 / T, device="cuda")
 
@@ -114,7 +109,7 @@ def main() -> None:
         print(f"{name:22s}", {k: v for k, v in entry.items() if k != "config"}, flush=True)
 
     RESULTS.parent.mkdir(exist_ok=True)
-    key = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    key = _device_key()
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     previous[key] = report
     RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
