@@ -1,13 +1,21 @@
 """Public ops of r3v_fast: torch.library registration, fake kernels, autograd, backend dispatch.
 
-``token_logprob`` / ``segment_logprob``: the fused LM-head log-likelihood (importing this
-package registers ``r3v::token_logprob``, ``r3v::token_logprob_backward``, ``r3v::segment_sum``).
-Other ops live in their own submodules (e.g. ``r3v_fast.ops.cascade_attention``).
+Every op is found the same way: a public function here, a registered ``torch.ops.r3v.*`` op
+behind it, backends chosen by one rule (r3v_fast/ops/backend.py):
 
-Note: the name ``r3v_fast.ops.segment_logprob`` is the function; its module is reachable as
-``importlib.import_module("r3v_fast.ops.segment_logprob")``.
+====================================  ===============================================
+``token_logprob`` / ``segment_logprob``  fused LM-head log-likelihood
+                                        (``r3v::token_logprob``, ``r3v::token_logprob_backward``,
+                                        ``r3v::segment_sum``)
+``cascade_decode_attention``            one decode step of K branches over a shared prefix
+                                        (``r3v::cascade_decode_attention``)
+====================================  ===============================================
+
+Importing this package registers the ops. The code map in the README lists each op's kernel,
+reference, test and benchmark.
 """
 
+from .cascade_attention import cascade_decode_attention
 from .segment_logprob import segment_logprob, token_logprob
 
-__all__ = ["token_logprob", "segment_logprob"]
+__all__ = ["token_logprob", "segment_logprob", "cascade_decode_attention"]

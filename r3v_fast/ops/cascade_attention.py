@@ -18,50 +18,29 @@ Any strides are accepted, so cache views (e.g. one slice of a preallocated [.., 
 buffer) go in without copies. The functions are inference-only (no autograd) and do no host
 synchronisation, so lengths are not range-checked against the data.
 
-Backends (DESIGN §3): "triton" (CUDA; or CPU tensors under TRITON_INTERPRET=1), "torch"
-(the reference, also the CPU path). "auto" picks triton for CUDA tensors when Triton imports,
-else torch. The R3V_BACKEND environment variable replaces "auto"; since this op has no C++
-kernel, R3V_BACKEND=cpp means its CPU path, torch. An explicit backend that cannot run raises.
+Backends (docs/architecture.md): "triton" (CUDA; or CPU tensors under TRITON_INTERPRET=1),
+"torch" (the reference, also the CPU path), chosen by the shared rule of
+r3v_fast/ops/backend.py; this op has no C++ kernel, so R3V_BACKEND=cpp means its torch path.
+
+``cascade_decode_attention`` is registered as the custom op ``r3v::cascade_decode_attention``
+(with a fake kernel for torch.compile and meta tensors; checked with torch.library.opcheck),
+like the fused loss. The partial-state helpers below it are plain functions over the same
+backends, used by tests and benchmarks.
 """
 
 from __future__ import annotations
 
-import os
+import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from r3v_fast.ops.backend import resolve_backend
 from r3v_fast.reference import cascade_attention as _reference
 
-BACKENDS = ("auto", "triton", "torch")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        backend = os.environ.get("R3V_BACKEND", "auto") or "auto"
-        if backend == "cpp":  # no C++ kernel for this op: its CPU path is the torch reference
-            backend = "torch"
-    if backend not in BACKENDS and backend != "cpp":
-        raise ValueError(f"cascade attention: unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "cpp":
-        raise ValueError("cascade attention: no 'cpp' backend for this op; use 'torch' or 'triton'")
-    if backend == "triton":
-        if not _triton_available():
-            raise RuntimeError("cascade attention: backend='triton' requested but Triton is not installed")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError(f"cascade attention: backend='triton' needs CUDA tensors (got {device}); "
-                               "set TRITON_INTERPRET=1 to run the kernel on the CPU interpreter")
-    return backend
+    return resolve_backend("cascade attention", backend, device, has_cpp=False)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -117,6 +96,29 @@ def _validate(q: Tensor, prefix=None, suffix=None, prefix_index=None) -> None:
         _check(t.device == q.device, f"all inputs must be on {q.device}; found one on {t.device}")
 
 
+@torch.library.custom_op("r3v::cascade_decode_attention", mutates_args=())
+def _cascade_decode_op(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor,
+                       suffix_k: Tensor, suffix_v: Tensor, suffix_lens: Tensor,
+                       prefix_index: Optional[Tensor], scale: float, num_splits: int,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    """(o [Q, K, H, Dh] in q's dtype, lse [Q, K, H] f32); num_splits 0 = automatic."""
+    if backend == "torch":
+        o, lse = _reference.cascade_decode_attention(
+            q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+            scale=scale, prefix_index=prefix_index, return_lse=True)
+        return o, lse.float()
+    from r3v_fast.kernels.cascade_attention import cascade_decode_fwd
+    return cascade_decode_fwd(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+                              scale=scale, prefix_index=prefix_index, num_splits=num_splits or None,
+                              return_lse=True)
+
+
+@_cascade_decode_op.register_fake
+def _(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, prefix_index, scale,
+      num_splits, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 def cascade_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor,
                              suffix_k: Tensor, suffix_v: Tensor, suffix_lens: Tensor, *,
                              scale: float | None = None, prefix_index: Tensor | None = None,
@@ -127,18 +129,14 @@ def cascade_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, pref
     scale defaults to 1/sqrt(Dh). num_splits (triton only) splits the key length over that
     many programs plus a merge pass; None picks it from the shapes (more splits when
     Q * Hkv programs underfill the GPU); the torch backend ignores it. Returns o, or
-    (o, lse) if return_lse.
+    (o, lse) if return_lse. Runs the registered op ``r3v::cascade_decode_attention``.
     """
     _validate(q, (prefix_k, prefix_v, prefix_lens), (suffix_k, suffix_v, suffix_lens), prefix_index)
     _check(num_splits is None or num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
-    if _resolve_backend(backend, q.device) == "torch":
-        return _reference.cascade_decode_attention(
-            q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
-            scale=scale, prefix_index=prefix_index, return_lse=return_lse)
-    from r3v_fast.kernels.cascade_attention import cascade_decode_fwd
-    o, lse = cascade_decode_fwd(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
-                                scale=scale, prefix_index=prefix_index, num_splits=num_splits,
-                                return_lse=return_lse)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    o, lse = torch.ops.r3v.cascade_decode_attention(
+        q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, prefix_index, scale,
+        num_splits or 0, _resolve_backend(backend, q.device))
     return (o, lse) if return_lse else o
 
 

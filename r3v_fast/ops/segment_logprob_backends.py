@@ -1,7 +1,7 @@
 """Backend choice and per-backend forward/backward of the fused token log-likelihood.
 
 The registered ops in r3v_fast.ops.segment_logprob call only the three functions at the end
-of this file; here they are routed to one of the backends (DESIGN.md §3):
+of this file; here they are routed to one of the backends (docs/architecture.md):
 
 * "triton": kernels/segment_logprob.py. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
   Sync-free compaction (stable sort + device-side count), deterministic segment sums.
@@ -14,63 +14,22 @@ On CPU tensors the compaction is ``nonzero`` (exact size; the CPU has no device 
 with), so their cost scales with target tokens. The torch backend on CUDA tensors skips
 compaction instead (all rows, masked), to stay free of host syncs: cost scales with T.
 
-"auto" picks triton for CUDA tensors, cpp for CPU tensors when built, else torch. The
-R3V_BACKEND environment variable replaces "auto" (an explicit argument wins). An explicit
-backend that cannot run raises.
+Backend choice ("auto", R3V_BACKEND, errors) is the shared rule of r3v_fast/ops/backend.py.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
+from r3v_fast.ops.backend import cpp_available, triton_available  # noqa: F401 (re-exported)
+from r3v_fast.ops.backend import resolve_backend as _resolve
 from r3v_fast.reference import segment_logprob as reference
-
-BACKENDS = ("auto", "triton", "cpp", "torch")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def cpp_available() -> bool:
-    try:
-        from r3v_fast.ops import cpp_backend
-    except ImportError:
-        return False
-    return bool(cpp_backend.available())
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ("triton" | "cpp" | "torch") for tensors on ``device``."""
-    if backend == "auto":
-        backend = os.environ.get("R3V_BACKEND", "auto") or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"segment_logprob: unknown backend {backend!r}; expected one of {BACKENDS} "
-                         "(argument or R3V_BACKEND)")
-    if backend == "auto":
-        if device.type == "cuda" and triton_available():
-            return "triton"
-        return "cpp" if device.type == "cpu" and cpp_available() else "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("segment_logprob: backend='triton' requested but Triton is not installed")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError(f"segment_logprob: backend='triton' needs CUDA tensors (got {device}); "
-                               "set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter")
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise RuntimeError(f"segment_logprob: backend='cpp' runs on CPU tensors only (got {device})")
-        if not cpp_available():
-            raise RuntimeError("segment_logprob: backend='cpp' requested but the C++ extension r3v_fast._C "
-                               "is not built (pip install -e . with CMake and a C++ compiler)")
-    return backend
+    return _resolve("segment_logprob", backend, device)
 
 
 def _kernels():

@@ -319,3 +319,15 @@ def test_empty_batch(backend):
     lens_s = torch.zeros(0, 3, dtype=torch.int32, device=DEVICE)
     out = ops.cascade_decode_attention(q, prefix, prefix, lens_p, suffix, suffix, lens_s, backend=backend)
     assert out.shape == (0, 3, 4, 16)
+
+
+def test_registered_op_passes_opcheck():
+    """r3v::cascade_decode_attention: schema, fake kernel and dispatch agree (torch.library)."""
+    from r3v_fast.ops import cascade_decode_attention as exported
+
+    assert exported is ops.cascade_decode_attention
+    q, pk, pv, plen, sk, sv, slen = _make_case([4, 5], [[2, 0], [3, 1]])
+    index = torch.tensor([1, 0], device=plen.device)
+    for prefix_index, lens in ((None, plen), (index, plen[index])):   # read only valid prefix slots
+        args = (q, pk, pv, lens, sk, sv, slen, prefix_index, 0.25, 0, "torch")
+        torch.library.opcheck(torch.ops.r3v.cascade_decode_attention.default, args)
