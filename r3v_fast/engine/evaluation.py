@@ -78,10 +78,11 @@ def score_questions(
     """Per-question evaluation rows: greedy answer, K_max candidates and select outcomes."""
     if not records:
         return []
-    cot = [Request(render(prompts.cot_messages(r)), r.image) for r in records]
+    cot = [Request(render(prompts.cot_messages(r)), r.image, key=r.id) for r in records]
 
     def select_request(i: int, candidates: list[str]) -> Request:
-        return Request(render(prompts.select_messages(records[i], candidates)), records[i].image)
+        return Request(render(prompts.select_messages(records[i], candidates)), records[i].image,
+                       key=f"{records[i].id}/select{len(candidates)}")
 
     select_ks = sorted(k for k in set(ks) if k >= 2) if select else []
     greedy, candidates, selects = sample_and_select(

@@ -186,7 +186,7 @@ class Run:
             self.log(f"iteration {iteration}: resuming bootstrap, {len(todo)} chunks left on this rank")
         for c in todo:
             records = [self.data.train[i] for i in chunks[c]]
-            requests = [Request(render(prompts.cot_messages(r)), r.image) for r in records]
+            requests = [Request(render(prompts.cot_messages(r)), r.image, key=r.id) for r in records]
             chunk_params = SamplingParams(**{**params.__dict__, "seed": params.seed * 100_003 + c})
             outputs = sampler.sample(requests, chunk_params,
                                      desc=f"iter {iteration} bootstrap {c + 1}/{len(chunks)}")

@@ -44,10 +44,16 @@ GREEDY = SamplingParams(k=1, temperature=0.0)
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt to complete: a rendered chat prompt and the image it refers to."""
+    """One prompt to complete: a rendered chat prompt, the image it refers to, and a key.
+
+    ``key`` names the request for the random draws (the question id in the R³V loop): a
+    request's samples are to depend only on (params.seed, key, branch index), never on which
+    other requests share its batch or rank.
+    """
 
     prompt: str
     image: str
+    key: str = ""
 
 
 class Sampler(Protocol):
