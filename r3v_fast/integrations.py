@@ -28,6 +28,7 @@ import inspect
 import torch
 from torch import Tensor
 
+from r3v_fast.model.loading import unwrap_peft
 from r3v_fast.ops import token_logprob
 
 __all__ = ["apply_fused_loss", "remove_fused_loss", "causal_lm_loss"]
@@ -100,7 +101,7 @@ def apply_fused_loss(model, *, backend: str = "auto"):
 
     Calling it again only updates ``backend``; ``remove_fused_loss`` undoes it.
     """
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = unwrap_peft(model)
     head = _lm_head(target)
     _check_plain_logits(target)
     original = target.__dict__.get("_r3v_original_forward") or target.forward
@@ -140,7 +141,7 @@ def apply_fused_loss(model, *, backend: str = "auto"):
 
 def remove_fused_loss(model):
     """Undo ``apply_fused_loss`` (no-op if it was not applied); returns ``model``."""
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = unwrap_peft(model)
     if "_r3v_original_forward" in target.__dict__:
         previous = target._r3v_previous_forward
         del target.forward, target._r3v_original_forward, target._r3v_backend, target._r3v_previous_forward

@@ -22,7 +22,7 @@ import torch
 
 from r3v_fast.engine.examples import Example, tokenize_examples
 from r3v_fast.engine.packing import PackedBatch, pack
-from r3v_fast.model.loading import lm_head_and_backbone, pad_id
+from r3v_fast.model.loading import lm_head_and_backbone, pad_id, unwrap_peft
 from r3v_fast.model.tree_attention import ATTENTION_NAME, enable_tree_attention
 from r3v_fast.ops import segment_logprob
 
@@ -42,7 +42,7 @@ class TargetLogprobs(torch.nn.Module):
         self.model = model
         enable_tree_attention(model)
         lm_head_and_backbone(model)   # fail early on a model without the expected structure
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_peft(model)
         self._text_config = base.config.get_text_config()
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:

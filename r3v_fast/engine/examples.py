@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from r3v_fast.model.loading import end_of_turn_id
+from r3v_fast.model.loading import end_of_turn_id, tokenizer_of
 
 __all__ = ["Example", "TokenizedExample", "tokenize_examples", "mrope_positions", "image_token_id", "TASKS"]
 
@@ -70,15 +70,11 @@ class TokenizedExample:
 
 
 # ---------------------------------------------------------------------------- processor facts
-def _tokenizer(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
 def image_token_id(processor) -> int | None:
     """Id of the image placeholder token after expansion (<|image_pad|>, <image>), if any."""
     token_id = getattr(processor, "image_token_id", None)
     if token_id is None and getattr(processor, "image_token", None) is not None:
-        token_id = _tokenizer(processor).convert_tokens_to_ids(processor.image_token)
+        token_id = tokenizer_of(processor).convert_tokens_to_ids(processor.image_token)
     return token_id
 
 
@@ -146,7 +142,7 @@ def tokenize_examples(processor, examples: Sequence[Example], *, max_length: int
     task, unreadable image, prompt without the image placeholder) raises ValueError naming the
     question.
     """
-    tokenizer = _tokenizer(processor)
+    tokenizer = tokenizer_of(processor)
     eot = end_of_turn_id(processor)
     image_token = image_token_id(processor)
     merge_size = _spatial_merge_size(processor)

@@ -61,7 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r3v_fast.engine.sampler import Request, SamplingParams, load_images
-from r3v_fast.model.loading import end_of_turn_id, lm_head_and_backbone, pad_id
+from r3v_fast.model.loading import end_of_turn_id, lm_head_and_backbone, pad_id, unwrap_peft
 from r3v_fast.model.prefix_cache import SharedPrefixCache, prefix_attention_enabled
 
 __all__ = ["SharedPrefixSampler", "BranchOutput"]
@@ -116,7 +116,7 @@ class SharedPrefixSampler:
         self.stop_ids = sorted({end_of_turn_id(processor), processor.tokenizer.eos_token_id} - {None})
         self.pad_id = pad_id(processor)
         self.lm_head, self.backbone = lm_head_and_backbone(model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_peft(model)
         self.config = base.config
         self.num_layers = self.config.get_text_config().num_hidden_layers
         # Qwen-VL models: 3-D M-RoPE from the model's own get_rope_index; others: 1-D positions.

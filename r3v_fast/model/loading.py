@@ -147,13 +147,49 @@ def load_vlm(path, *, dtype: torch.dtype = torch.float32, device="cpu",
     return model.eval(), processor
 
 
-def _tokenizer(processor):
+def tokenizer_of(processor):
+    """The text tokenizer of a processor (a bare tokenizer is its own)."""
     return getattr(processor, "tokenizer", processor)
+
+
+def unwrap_peft(model):
+    """The HF model under a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def text_decoders(model, purpose: str = "this") -> list[nn.Module]:
+    """The language-model sub-models of an HF VLM (or its peft wrapper): the PreTrainedModels
+    whose config is the text config. ``purpose`` names the caller in the error message."""
+    from transformers import PreTrainedModel
+
+    base = unwrap_peft(model)
+    text_config = base.config.get_text_config()
+    decoders = [m for m in base.modules() if isinstance(m, PreTrainedModel) and m.config is text_config]
+    if not decoders:
+        raise ValueError(f"cannot find the language model of {type(base).__name__} for {purpose}")
+    return decoders
+
+
+def set_decoder_attention(model, name: str, purpose: str) -> list[str]:
+    """Switch the text decoder(s) to attention implementation ``name``; returns the previous
+    implementation of each, for :func:`restore_decoder_attention`. The vision tower keeps its own."""
+    decoders = text_decoders(model, purpose)
+    previous = [d.config._attn_implementation for d in decoders]
+    for decoder in decoders:
+        if decoder.config._attn_implementation != name:
+            decoder.set_attn_implementation(name)
+    return previous
+
+
+def restore_decoder_attention(model, previous: list[str]) -> None:
+    for decoder, name in zip(text_decoders(model), previous):
+        if decoder.config._attn_implementation != name:
+            decoder.set_attn_implementation(name)
 
 
 def end_of_turn_id(processor) -> int:
     """The token that ends an assistant turn: <|im_end|> for ChatML (Qwen) templates, else eos."""
-    tokenizer = _tokenizer(processor)
+    tokenizer = tokenizer_of(processor)
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates
         template = "".join(template.values())
@@ -168,7 +204,7 @@ def end_of_turn_id(processor) -> int:
 
 def pad_id(processor) -> int:
     """The padding token id: the tokenizer's pad token, else its eos token."""
-    tokenizer = _tokenizer(processor)
+    tokenizer = tokenizer_of(processor)
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return int(token_id)
@@ -183,7 +219,7 @@ def lm_head_and_backbone(model) -> tuple[nn.Module, Callable[..., torch.Tensor]]
     inputs and returns the final-norm hidden states [B, L, D], without computing logits, so
     that lm_head(backbone(**inputs)) equals model(**inputs).logits.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    base = unwrap_peft(model)
     lm_head = base.get_output_embeddings()
     if lm_head is None or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(base).__name__} has no output projection with a .weight")

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from r3v_fast.model.loading import restore_decoder_attention, set_decoder_attention
 from r3v_fast.ops.cascade_attention import cascade_decode_attention
 
 __all__ = ["ATTENTION_NAME", "SharedPrefixCache", "SharedPrefixLayer", "prefix_attention_forward",
@@ -390,32 +391,14 @@ def register_prefix_attention() -> None:
     AttentionInterface.register(ATTENTION_NAME, prefix_attention_forward)
 
 
-def _text_decoders(model):
-    from transformers import PreTrainedModel
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text_config = base.config.get_text_config()
-    decoders = [m for m in base.modules() if isinstance(m, PreTrainedModel) and m.config is text_config]
-    if not decoders:
-        raise ValueError(f"cannot find the language model of {type(base).__name__} to enable "
-                         "shared-prefix attention")
-    return decoders
-
-
 @contextlib.contextmanager
 def prefix_attention_enabled(model):
     """Switch the text decoder of an HF VLM (or its peft wrapper) to "r3v_prefix" for the block,
     then back to whatever it used before (e.g. "sdpa" or "r3v_tree"). The vision tower keeps its
     own attention."""
     register_prefix_attention()
-    decoders = _text_decoders(model)
-    previous = [d.config._attn_implementation for d in decoders]
+    previous = set_decoder_attention(model, ATTENTION_NAME, "shared-prefix attention")
     try:
-        for decoder in decoders:
-            if decoder.config._attn_implementation != ATTENTION_NAME:
-                decoder.set_attn_implementation(ATTENTION_NAME)
         yield
     finally:
-        for decoder, name in zip(decoders, previous):
-            if decoder.config._attn_implementation != name:
-                decoder.set_attn_implementation(name)
+        restore_decoder_attention(model, previous)

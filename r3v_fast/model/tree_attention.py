@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from r3v_fast.model.loading import set_decoder_attention
+
 __all__ = ["TreeMeta", "ATTENTION_NAME", "tree_attention_forward", "register_tree_attention",
            "enable_tree_attention"]
 
@@ -231,14 +233,5 @@ def enable_tree_attention(model) -> None:
     Only the text decoder changes; the vision tower keeps its implementation. Without tree
     metadata the decoder behaves exactly as with "sdpa".
     """
-    from transformers import PreTrainedModel
-
     register_tree_attention()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text_config = base.config.get_text_config()
-    decoders = [m for m in base.modules() if isinstance(m, PreTrainedModel) and m.config is text_config]
-    if not decoders:
-        raise ValueError(f"cannot find the language model of {type(base).__name__} to enable tree attention")
-    for decoder in decoders:
-        if decoder.config._attn_implementation != ATTENTION_NAME:
-            decoder.set_attn_implementation(ATTENTION_NAME)
+    set_decoder_attention(model, ATTENTION_NAME, "tree attention")
