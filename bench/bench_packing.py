@@ -45,7 +45,7 @@ import torch
 
 from r3v_fast.engine.examples import TokenizedExample, mrope_positions, tokenize_examples
 from r3v_fast.engine.packing import pack
-from r3v_fast.scoring import TargetLogprobs
+from r3v_fast.engine.scoring import TargetLogprobs
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "packing.json"
 MAX_TOKENS = 8192

@@ -1,46 +1,164 @@
-"""Config: presets < config file < flags; every field has a flag."""
+"""Settings: one definition per option, flags generated from the fields, presets < config file
+< flags, --help that explains itself, --print-config, and the learning-rate schedule names."""
 
 import argparse
-import dataclasses
 import json
+import typing
+from dataclasses import fields
 
 import pytest
+import torch
 
-from r3v_fast.config import PRESETS, RunConfig, add_arguments, from_json, resolve, to_json
+from r3v_fast import config, train
+from r3v_fast.config import GROUPS, PRESETS, RunConfig, UsageError, parse_run_config
 
 
 def parse(argv):
+    return parse_run_config(argv)[0]
+
+
+def _other_value(name, kind, default):
+    """A value different from ``default`` that the flag accepts, as (command-line text, value)."""
+    base, _ = config._unwrap_optional(kind)
+    if typing.get_origin(base) is typing.Literal:
+        value = next(c for c in typing.get_args(base) if c != default)
+        return str(value), value
+    if base is bool:
+        return ("false", False) if default else ("true", True)
+    if base is int:
+        return "7", 7
+    if base is float:
+        return "0.125", 0.125
+    return "some/path", "some/path"
+
+
+def test_every_field_of_every_group_is_reachable_from_the_command_line():
+    flat_defaults = RunConfig().flat()
+    for group in GROUPS:
+        for name, kind in config.option_types(group).items():
+            text, value = _other_value(name, kind, flat_defaults[name])
+            cfg = parse(["--preset", "public", "--" + name.replace("_", "-"), text])
+            assert cfg.flat()[name] == value, name
+    # ... and the run configuration is exactly the groups: nothing is defined twice.
+    names = [f.name for group in GROUPS for f in fields(group)]
+    assert len(names) == len(set(names)) and set(names) == set(RunConfig().flat())
+
+
+def test_every_flag_has_help_and_enumerations_list_their_choices():
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return resolve(parser.parse_args(argv))
+    config.add_options(parser, GROUPS)
+    options = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS
+               and a.dest != "help"]
+    assert len(options) == len(RunConfig().flat())
+    for action in options:
+        assert action.help and "\n" not in action.help, action.dest
+    by_dest = {a.dest: a for a in options}
+    for name, choices in {"method": ("r3v", "star"), "init": ("base", "previous"),
+                          "sampler": ("shared", "hf"), "packing": ("tree", "none"),
+                          "loss_mix": ("official", "per-task"),
+                          "lr_scheduler": config.LR_SCHEDULERS}.items():
+        assert all(c in by_dest[name].metavar for c in choices), name
+    assert "chartqa" in by_dest["data_format"].metavar
+    with pytest.raises(SystemExit):
+        parse(["--method", "dpo"])
 
 
-def test_precedence(tmp_path):
-    cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps({"k": 5, "lr": 0.5}))
-    cfg = parse(["--preset", "smoke", "--config", str(cfg_file), "--lr", "0.25", "--include-warmup", "false"])
-    assert cfg.k == 5 and cfg.lr == 0.25 and cfg.include_warmup is False
-    assert cfg.iterations == PRESETS["smoke"]["iterations"]
-    assert parse(["--resume"]).resume is True and parse(["--resume", "no"]).resume is False
+def test_help_shows_the_values_of_the_chosen_preset(capsys):
+    for preset, lr in (("default", "0.0003"), ("public", "3e-05")):
+        with pytest.raises(SystemExit):
+            parse(["--preset", preset, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"peak learning rate (default: {lr})" in text
+        lora = PRESETS[preset].get("lora_r", 64)
+        assert f"(0 = full fine-tuning) (default: {lora})" in text
+    assert "(default: None) (default: None)" not in text
 
 
-def test_every_field_has_a_flag_and_json_round_trips():
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    flags = {a.dest for a in parser._actions}
-    assert {f.name for f in dataclasses.fields(RunConfig)} <= flags
-    cfg = parse(["--model", "/m", "--max-train-questions", "7"])
-    assert from_json(to_json(cfg)) == cfg
+def test_precedence_preset_file_flags(tmp_path):
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"k": 5, "lr": 0.5}))
+    cfg = parse(["--preset", "smoke", "--config", str(flat), "--lr", "0.25", "--include-warmup", "false"])
+    assert cfg.sampling.k == 5 and cfg.train.lr == 0.25 and cfg.tasks.include_warmup is False
+    assert cfg.loop.iterations == PRESETS["smoke"]["iterations"]
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"train": {"lr": 0.5}, "sampling": {"k": 4}}))
+    cfg = parse(["--config", str(nested)])
+    assert cfg.train.lr == 0.5 and cfg.sampling.k == 4
+    assert parse(["--resume"]).run.resume is True and parse(["--resume", "no"]).run.resume is False
+    assert parse(["--no-progress"]).run.progress is False
+    assert parse(["--max-train-questions", "none"]).data.max_train_questions is None
+    assert RunConfig.from_json(cfg.to_json()) == cfg
 
 
-def test_unknown_config_field_is_an_error(tmp_path):
+def test_bad_config_files_and_values_are_usage_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"nope": 1}))
-    with pytest.raises(SystemExit, match="unknown config fields"):
+    with pytest.raises(UsageError, match="unknown config fields"):
         parse(["--config", str(bad)])
+    bad.write_text(json.dumps({"packing": "zip"}))
+    with pytest.raises(UsageError, match="--packing.*tree, none"):
+        parse(["--config", str(bad)])
+    bad.write_text(json.dumps({"lr": "fast"}))
+    with pytest.raises(UsageError, match="--lr"):
+        parse(["--config", str(bad)])
+    with pytest.raises(UsageError, match="--iterations must be at least 1"):
+        parse(["--iterations", "0"]).validate()
+    assert train.main(["--config", str(tmp_path / "missing.json")]) == 2
 
 
 def test_eval_ks():
-    assert RunConfig(eval_ks="6,1,3").eval_k_list() == [1, 3, 6]
-    with pytest.raises(ValueError):
-        RunConfig(eval_ks="0").eval_k_list()
+    assert config.EvalOptions(eval_ks="6,1,3").k_list() == [1, 3, 6]
+    for bad in ("0", "a,b", ""):
+        with pytest.raises(UsageError):
+            config.EvalOptions(eval_ks=bad).k_list()
+
+
+def test_print_config_shows_the_resolved_configuration(tmp_path, capsys):
+    assert train.main(["--preset", "public", "--lr", "1e-4", "--print-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["train"]["lr"] == 1e-4 and shown["train"]["lora_r"] == 64
+    assert shown["sampling"]["max_new_tokens"] == 384
+    assert not (tmp_path / "runs").exists()
+
+
+def test_print_config_with_resume_shows_what_would_be_resumed(tmp_path, capsys):
+    from r3v_fast.engine.rundir import RunDir
+
+    saved, run_dir = RunDir.create(parse(["--preset", "smoke", "--run-dir", str(tmp_path / "r"), "--k", "5"]))
+    assert train.main(["--resume", "--run-dir", str(run_dir.path), "--k", "9", "--print-config"]) == 0
+    shown = RunConfig.from_json(capsys.readouterr().out)
+    assert shown.sampling.k == 5 and shown.run.resume is True          # the saved value, not the flag
+    assert shown.run.run_dir == str(run_dir.path) and shown.loop == saved.loop
+    assert train.main(["--resume", "--run-dir", str(tmp_path / "none"), "--print-config"]) == 2
+
+
+def test_presets_name_only_real_fields():
+    for values in PRESETS.values():
+        assert set(values) <= set(RunConfig().flat())
+        RunConfig().replace(**values).validate()
+
+
+@pytest.mark.parametrize("name", config.LR_SCHEDULERS)
+def test_scheduler_names_drive_the_learning_rate(name):
+    """Every --lr-scheduler choice is a transformers.get_scheduler name; the n-th optimizer step
+    (1-based) runs at the schedule's value at step n (hand-computed here)."""
+    import math
+
+    from r3v_fast.engine.trainer import lr_schedule
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = lr_schedule(optimizer, name, warmup_steps=4, total_steps=12)
+    seen = []
+    for _ in range(12):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ramp = [0.25, 0.5, 0.75]
+    expected = {
+        "constant_with_warmup": ramp + [1.0] * 9,
+        "constant": [1.0] * 12,
+        "linear": ramp + [(12 - n) / 8 for n in range(4, 13)],
+        "cosine": ramp + [0.5 * (1 + math.cos(math.pi * (n - 4) / 8)) for n in range(4, 13)],
+    }[name]
+    assert seen == pytest.approx(expected)

@@ -10,8 +10,9 @@ def test_evaluate_writes_metrics_and_rows(tiny_qwen2vl_dir, tmp_path, capsys):
 
     data = generate(tmp_path / "shapes", n_train=2, n_test=4, seed=1)
     out = tmp_path / "rows.jsonl"
-    code = evaluate.main(["--model", str(tiny_qwen2vl_dir), "--data", str(data["test"]), "--k", "1,2,3",
-                          "--max-new-tokens", "8", "--out", str(out)])
+    code = evaluate.main(["--model", str(tiny_qwen2vl_dir), "--test-data", str(data["test"]), "--eval-ks", "1,2,3",
+                          "--max-new-tokens", "8", "--eval-max-new-tokens", "none", "--out", str(out),
+                          "--progress", "false"])
     assert code == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 4
@@ -27,3 +28,14 @@ def test_evaluate_writes_metrics_and_rows(tiny_qwen2vl_dir, tmp_path, capsys):
 def test_evaluate_bad_input_exits_2(tmp_path, capsys):
     assert evaluate.main(["--model", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_evaluate_shares_the_run_flags(capsys):
+    """evaluate's flags are the run configuration's own: same names, same preset values."""
+    assert evaluate.main(["--preset", "public", "--print-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["max_new_tokens"] == 384 and shown["bf16"] is None and shown["select"] is True
+    assert evaluate.main(["--print-config", "--no-select", "--bf16", "--trust-remote-code"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["max_new_tokens"] == 48 and shown["bf16"] is True and shown["trust_remote_code"] is True
+    assert shown["select"] is False and "lr" not in shown

@@ -46,7 +46,7 @@ def test_smoke_run(tiny_qwen2vl_dir, shapes_dir, tmp_path, capsys):
     samples = Pool(run_dir / "pool").samples()
     assert len(samples) == 12 * 3                                   # K = 3 per question
     assert (run_dir / "accuracy.png").stat().st_size > 0
-    assert json.loads((run_dir / "config.json").read_text())["iterations"] == 1
+    assert json.loads((run_dir / "config.json").read_text())["loop"]["iterations"] == 1
     model, _ = load_vlm(run_dir / "checkpoints" / "iter_001")      # generic HF path
     assert model is not None
     out = capsys.readouterr().out
@@ -162,7 +162,9 @@ def test_resume_after_interrupt_during_training(tiny_qwen2vl_dir, shapes_dir, tm
 def test_shortened_default_run_on_the_shipped_checkpoint(tmp_path):
     """The embedded default (shipped tiny VLM, shapes-math) shortened to a few dozen questions
     and one iteration: metrics come out and the checkpoint loads through the generic HF path."""
-    assert train.PACKAGED_MODEL.joinpath("config.json").exists()
+    from r3v_fast.model.tiny import PACKAGED_MODEL
+
+    assert PACKAGED_MODEL.joinpath("config.json").exists()
     run_dir = tmp_path / "run"
     assert train.main(["--preset", "smoke", "--run-dir", str(run_dir), "--progress", "false"]) == 0
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -171,6 +173,6 @@ def test_shortened_default_run_on_the_shipped_checkpoint(tmp_path):
     base, last = metrics[0], metrics[-1]
     assert base["pass@1"] > 0.0                       # the shipped model already solves some questions
     assert {"pass@1", "maj@3", "select@3"} <= set(last)
-    assert json.loads((run_dir / "config.json").read_text())["model"] is None
+    assert json.loads((run_dir / "config.json").read_text())["model"]["model"] is None
     model, processor = load_vlm(run_dir / "checkpoints" / "iter_001")
     assert model.config.model_type == "qwen2_vl" and processor is not None

@@ -1,7 +1,7 @@
 """The data layer: records, dataset loaders, the shapes-math task, answer judges and prompts.
 
-Everything the R³V loop reads and writes about questions and answers. See DESIGN.md §1 (the
-prompt shapes), §4 (the judges) and each module's docstring.
+Everything the R³V loop reads and writes about questions and answers; this layer imports
+nothing else of r3v_fast. See docs/architecture.md and each module's docstring.
 """
 
 from .judge import extract_answer, is_correct

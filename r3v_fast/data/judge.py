@@ -1,4 +1,4 @@
-"""Answer judges: is a model's chain-of-thought output right? (DESIGN.md §4)
+"""Answer judges: is a model's chain-of-thought output right? (docs/architecture.md, "Judges")
 
 ``extract_answer(dataset, text)`` finds the model's final answer in its full output;
 ``canonical_answer`` spells it one way per meaning (the key for majority votes);
@@ -47,6 +47,8 @@ import math
 import re
 from typing import Sequence
 
+from r3v_fast.data.records import OPTION_LETTERS
+
 __all__ = ["extract_answer", "is_correct", "canonical_answer", "normalise_dataset"]
 
 _ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
@@ -56,7 +58,6 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 _LONE_LETTER = re.compile(r"\(?([A-Za-z])\)?[.:)]?")
 _LEADING_LETTER = re.compile(r"(?:option|choice)?\s*\(?([A-Z])(?:\)|[.:]\s|\s*$)", re.IGNORECASE)
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
           "fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
 _NUMBER_WORDS = {w: i for i, w in enumerate(_WORDS)}
@@ -195,7 +196,7 @@ def _option_index(text: str, choices: Sequence[str] | None, n_letters: int,
 
     def by_letter():
         match = _LONE_LETTER.fullmatch(cleaned) or _LEADING_LETTER.match(cleaned)
-        index = _LETTERS.find(match.group(1).upper()) if match else -1
+        index = OPTION_LETTERS.find(match.group(1).upper()) if match else -1
         return index if 0 <= index < n_letters else None
 
     def by_text():
@@ -264,7 +265,7 @@ def canonical_answer(dataset: str, text: str, choices: Sequence[str] | None = No
     if name in _LETTER_SETS or (name == "tabmwp" and choices):
         index = _option_index(pred, choices, len(choices) if choices else 5, text_first=name == "tabmwp")
         if index is not None:
-            return str(choices[index]).strip() if name == "tabmwp" else _LETTERS[index]
+            return str(choices[index]).strip() if name == "tabmwp" else OPTION_LETTERS[index]
     else:
         number = _tabmwp_number(pred, unit) if name == "tabmwp" else _plain_number(pred)
         if number is not None:

@@ -9,7 +9,7 @@
                 the user text; trailing option lines ("A. ...", "(B) ...", "C: ...", optionally
                 under a "Choices:"/"Options:" header) become ``choices``. The assistant value is
                 the answer, or a CoT whose text after the last "Answer:" is the answer (the full
-                CoT is kept in ``meta["response"]``). The dataset name comes from ``dataset=``,
+                CoT is kept in ``meta["rationale"]``). The dataset name comes from ``dataset=``,
                 else from the file name (geoqa, m3cot, chartqa, ...), else "mmsi".
 ``chartqa``     raw ChartQA: a list of ``{"imgname", "query", "label"}``; images in ``<dir>/png``.
 ``tabmwp``      raw TabMWP ``problems_*.json``: a dict keyed by problem id with ``question``,
@@ -39,12 +39,12 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from .records import DataError, LoadReport, Record, collect, load_rows, record_from_json, resolve_image
+from .records import (OPTION_LETTERS, DataError, LoadReport, Record, collect, load_rows, record_from_json,
+                      resolve_image)
 
 __all__ = ["FORMATS", "load_dataset", "detect_format", "split_choices"]
 
 FORMATS = ("auto", "jsonl", "mmsi", "chartqa", "tabmwp", "clevr-math", "geoqa", "m3cot")
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _KNOWN_NAMES = ("geoqa", "m3cot", "chartqa", "tabmwp", "clevr-math", "clevr_math", "shapes-math")
 
 
@@ -151,7 +151,7 @@ def split_choices(text: str) -> tuple[str, tuple[str, ...] | None]:
         options.insert(0, match.group(1) + match.group(2))
         i -= 1
     labels = "".join(o[0] for o in options)
-    if len(options) < 2 or labels != _LETTERS[:len(options)]:
+    if len(options) < 2 or labels != OPTION_LETTERS[:len(options)]:
         return text.strip(), None
     if i > 0 and _CHOICES_HEADER.match(lines[i - 1]):
         i -= 1
@@ -163,7 +163,7 @@ def _choices(value, where: str) -> tuple[str, ...]:
         value = [value[k] for k in sorted(value)]
     if not isinstance(value, list) or len(value) < 2:
         raise DataError(f"{where}: choices must be a list of at least 2 options", "bad value")
-    if len(value) > len(_LETTERS):
+    if len(value) > len(OPTION_LETTERS):
         raise DataError(f"{where}: too many choices ({len(value)})", "bad value")
     return tuple(_answer_text(c, where) for c in value)
 
@@ -172,16 +172,16 @@ def _answer_letter(answer, choices: tuple[str, ...], where: str) -> str:
     """Gold answer as an option letter: from a letter, a 0-based index or the option text."""
     if isinstance(answer, int) and not isinstance(answer, bool):
         if 0 <= answer < len(choices):
-            return _LETTERS[answer]
+            return OPTION_LETTERS[answer]
         raise DataError(f"{where}: answer index {answer} out of range for {len(choices)} choices",
                         "bad value")
     text = _answer_text(answer, where)
     letter = text.strip("()").upper()
-    if len(letter) == 1 and letter in _LETTERS[:len(choices)]:
+    if len(letter) == 1 and letter in OPTION_LETTERS[:len(choices)]:
         return letter
     for i, choice in enumerate(choices):
         if choice.strip().lower() == text.lower():
-            return _LETTERS[i]
+            return OPTION_LETTERS[i]
     raise DataError(f"{where}: answer {text!r} is neither an option letter nor an option",
                     "bad value")
 
@@ -204,7 +204,7 @@ def _mmsi(obj, where, *, root, dataset, stem, index):
     tail = re.split(r"answer\s*:", response, flags=re.IGNORECASE)
     if len(tail) > 1:  # a CoT target: the answer is the first line after the last "Answer:"
         answer = tail[-1].strip().split("\n")[0].strip()
-        meta = {"response": response}
+        meta = {"rationale": response}
     if choices is not None and answer:
         answer = _answer_letter(answer, choices, where)
     image = resolve_image(_field(obj, ("image",), where), root, where=where)

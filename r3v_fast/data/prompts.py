@@ -5,7 +5,7 @@ identical (the public Qwen-VL code is not). Messages are in the Hugging Face cha
 one image placeholder, and :func:`render` turns them into the model's text through the
 processor's own chat template.
 
-Structure (DESIGN.md §1): the user text of the refine and select prompts STARTS WITH the exact
+Structure (docs/architecture.md, "Prompts"): the user text of the refine and select prompts STARTS WITH the exact
 CoT user text (question, options, CoT instruction). Refine then adds "Model's prediction:" and
 the rationale to fix; select adds "Model's prediction i:" and candidate i for i = 1..N, then
 its instruction. The CoT, refine and select prompts of one record therefore share a long token
@@ -15,13 +15,17 @@ select target is :func:`answer_line` only, not a rationale.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
+
+from r3v_fast.data.records import OPTION_LETTERS
+
+# chat messages -> the rendered prompt text, bound to one processor (see :func:`renderer`)
+Renderer = Callable[[list[dict]], str]
 
 __all__ = ["COT_INSTRUCTION", "REFINE_INSTRUCTION", "SELECT_INSTRUCTION", "cot_text",
            "cot_messages", "refine_messages", "select_messages", "render", "render_prefix",
-           "answer_line", "user_text"]
+           "answer_line", "user_text", "Renderer", "renderer"]
 
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # The CoT text ends in a letter on purpose: BPE pre-tokenizers (Qwen2's included) glue trailing
 # punctuation to the newlines that follow it (".\n\n" can be one token), which would make the
@@ -41,7 +45,7 @@ def cot_text(record) -> str:
     """The CoT user text: question, options (if any), unit (if any) and the CoT instruction."""
     parts = [record.question.strip()]
     if record.choices:
-        parts.append("Options:\n" + "\n".join(f"{_LETTERS[i]}. {c}" for i, c in enumerate(record.choices)))
+        parts.append("Options:\n" + "\n".join(f"{OPTION_LETTERS[i]}. {c}" for i, c in enumerate(record.choices)))
     if record.unit:
         parts.append(f"Give the answer in {record.unit}.")
     parts.append(COT_INSTRUCTION)
@@ -79,6 +83,11 @@ def user_text(messages: list[dict]) -> str:
 def render(processor, messages: list[dict]) -> str:
     """Prompt text through the processor's (or tokenizer's) own chat template, ready to generate."""
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def renderer(processor) -> Renderer:
+    """:func:`render` bound to ``processor``: what the task builders and the evaluation take."""
+    return lambda messages: render(processor, messages)
 
 
 def render_prefix(processor, record) -> str:

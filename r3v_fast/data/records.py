@@ -33,8 +33,11 @@ from PIL import Image
 
 __all__ = [
     "DataError", "Record", "LoadReport", "write_records", "read_records",
-    "resolve_image", "check_image", "load_rows",
+    "resolve_image", "check_image", "load_image", "load_rows", "OPTION_LETTERS",
 ]
+
+# Multiple-choice options are labelled A, B, C, ... everywhere (prompts, loaders, judges).
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class DataError(ValueError):
@@ -95,15 +98,7 @@ class Record:
 
     def load_image(self) -> Image.Image:
         """Open the image now (records hold only its path) and return it as RGB."""
-        try:
-            with Image.open(self.image) as img:
-                return img.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"record {self.id!r}: image file not found: {self.image}",
-                            "missing image") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise DataError(f"record {self.id!r}: cannot read image {self.image}: {err}",
-                            "corrupt image") from None
+        return load_image(self.image, who=f"record {self.id!r}")
 
     def to_json(self, base_dir: str | os.PathLike | None = None) -> dict:
         """The JSONL object; ``image`` relative to ``base_dir`` when it lies inside it."""
@@ -173,6 +168,19 @@ def resolve_image(image, root: str | os.PathLike, *, where: str,
         raise DataError(f"{where}: image path {image!r} lies outside the image root {root}",
                         "bad image path")
     return path
+
+
+def load_image(path: str, *, who: str | None = None) -> Image.Image:
+    """The one image loader of r3v_fast: decode ``path`` as RGB, or raise DataError ("missing
+    image" / "corrupt image") naming ``who`` (a record or question) and the file."""
+    prefix = f"{who}: " if who else ""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{prefix}image file not found: {path}", "missing image") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{prefix}cannot read image {path}: {err}", "corrupt image") from None
 
 
 def check_image(path: str, *, where: str) -> None:

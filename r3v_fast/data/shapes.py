@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -45,7 +46,7 @@ __all__ = ["SHAPES", "COLORS", "QUESTION_TYPES", "make_item", "render_scene", "g
            "template_cot", "default_dataset", "main"]
 
 DATASET = "shapes-math"
-VERSION = 2  # bump when the generator's output changes, so cached copies are rebuilt
+VERSION = 3  # bump when the generator's output changes, so cached copies are rebuilt
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 45, 45), "blue": (40, 95, 225), "green": (35, 160, 65), "yellow": (240, 200, 20)}
 BACKGROUND = (245, 245, 245)
@@ -228,8 +229,11 @@ def _split(out_dir: Path, name: str, n: int, seed: int, image_size: int, avoid: 
         avoid.add(key)
         image = out_dir / "images" / f"{name}-{len(records):05d}.png"
         render_scene(meta["objects"], image_size).save(image)
-        records.append(Record(id=f"shapes-{name}-{len(records):05d}", image=str(image),
-                              question=question, answer=str(answer), dataset=DATASET, meta=meta))
+        record = Record(id=f"shapes-{name}-{len(records):05d}", image=str(image),
+                        question=question, answer=str(answer), dataset=DATASET, meta=meta)
+        if name == "warmup":   # the worked solution travels as record data, like any CoT warm-up set
+            record = replace(record, meta={**meta, "rationale": template_cot(record)})
+        records.append(record)
     return records
 
 
@@ -238,7 +242,8 @@ def generate(out_dir, *, n_train: int, n_test: int, seed: int = 0, image_size: i
     """Write images and train / test / warm-up JSONL files into ``out_dir``; return their paths.
 
     ``n_warmup`` (default ``n_train // 5``) items for the CoT warm-up set are drawn from their
-    own seed stream, like the other splits; :func:`template_cot` writes their solutions.
+    own seed stream, like the other splits; :func:`template_cot` writes their solutions into
+    ``meta["rationale"]``, the field any loader fills with a record's worked solution.
     """
     if min(n_train, n_test) < 0 or (n_warmup is not None and n_warmup < 0):
         raise ValueError("split sizes must be >= 0")

@@ -19,10 +19,9 @@ from collections import Counter
 from typing import Callable, Sequence
 
 from r3v_fast.data import judge, prompts
+from r3v_fast.data.prompts import Renderer
 from r3v_fast.data.records import Record
 from r3v_fast.engine.sampler import Request, Sampler, SamplingParams
-
-Renderer = Callable[[list[dict]], str]
 
 
 def is_right(record: Record, text: str) -> bool:

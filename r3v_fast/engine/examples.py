@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from r3v_fast.data.records import load_image
 from r3v_fast.model.loading import end_of_turn_id, tokenizer_of
 
 __all__ = ["Example", "TokenizedExample", "tokenize_examples", "mrope_positions", "image_token_id", "TASKS"]
@@ -122,17 +123,6 @@ def _image_spans(input_ids: torch.Tensor, image_token: int | None) -> tuple[tupl
     return tuple(zip(starts.tolist(), ends.tolist()))
 
 
-def _load_image(path: str, example: Example):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"question {example.question_id or example.group!r}: cannot read image "
-                         f"{path!r}: {err}") from err
-
-
 # ---------------------------------------------------------------------------- tokenization
 def tokenize_examples(processor, examples: Sequence[Example], *, max_length: int
                       ) -> tuple[list[TokenizedExample], Counter]:
@@ -153,7 +143,7 @@ def tokenize_examples(processor, examples: Sequence[Example], *, max_length: int
         who = f"question {ex.question_id or ex.group!r} ({ex.task} example {index})"
         if ex.task not in TASKS:
             raise ValueError(f"{who}: unknown task {ex.task!r} (expected one of {TASKS})")
-        images = [_load_image(ex.image, ex)] if ex.image else None
+        images = [load_image(ex.image, who=who)] if ex.image else None
         try:
             encoded = processor(text=[ex.prompt], images=images, return_tensors="pt")
         except (ValueError, TypeError, RuntimeError) as err:   # e.g. no image placeholder

@@ -1,6 +1,6 @@
 """The R³V loop: bootstrap → build task sets → train → evaluate, for T iterations.
 
-Each iteration t (DESIGN.md §1):
+Each iteration t (docs/architecture.md, "The algorithm"):
 1. sample K solutions per training question with the previous iteration's model (the base
    model at t = 1) and add them to the pool (sharded, resumable);
 2. build SFT / refine / select examples from the whole pool (plus the warm-up data);
@@ -8,42 +8,35 @@ Each iteration t (DESIGN.md §1):
    checkpoint, and save the merged checkpoint (safetensors) to ``checkpoints/iter_<t>``;
 4. evaluate that checkpoint on the held-out split: Pass@1, maj@K, oracle@K, select@K.
 
-The run directory holds everything needed to resume::
-
-    config.json        resolved configuration        progress.json   finished phases
-    pool/              every sample (JSONL shards)   metrics.jsonl   one object per phase
-    checkpoints/       iter_<t>/ merged HF model     accuracy.png    accuracy per iteration
-    train_state/       the in-flight training state  eval/           per-question eval rows
-
-A phase is marked finished in progress.json only after its outputs are on disk, so a killed
-run resumes at the phase in flight; inside it, sampling resumes at the first missing pool
-shard and training at the last saved training state.
+The run directory (r3v_fast.engine.rundir) holds everything needed to resume. A phase is
+marked finished only after its outputs are on disk, so a killed run resumes at the phase in
+flight; inside it, sampling resumes at the first missing pool shard and training at the last
+saved training state. Every part of the engine gets its own option group of the run
+configuration (``cfg.sampling``, ``cfg.tasks``, ``cfg.train``, ...).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from r3v_fast.config import RunConfig, to_json
+from r3v_fast.config import DataOptions, RunConfig, SamplingOptions, UsageError, resolve_bf16
 from r3v_fast.data import judge, prompts
 from r3v_fast.data.records import Record
 from r3v_fast.engine.evaluation import is_right, score_questions, summarize
 from r3v_fast.engine.examples import Example
-from r3v_fast.engine.pool import Pool, Sample, atomic_write_text, chunk_ranges
+from r3v_fast.engine.pool import Pool, Sample, chunk_ranges
+from r3v_fast.engine.rundir import RunDir
 from r3v_fast.engine.sampler import HFSampler, Request, SamplingParams
-from r3v_fast.engine.tasks import TaskOptions, build_examples
-from r3v_fast.engine.trainer import TrainOptions, Trainer, apply_lora
+from r3v_fast.engine.tasks import build_examples
+from r3v_fast.engine.trainer import Trainer, apply_lora
 from r3v_fast.model.loading import load_vlm
 
-
-class UsageError(Exception):
-    """Bad configuration or input detected before any work starts (exit code 2)."""
+__all__ = ["RunData", "load_run_data", "make_sampler", "warmup_examples", "Run", "format_row",
+           "results_table", "write_plot"]
 
 
 @dataclass
@@ -53,15 +46,53 @@ class RunData:
     warmup: list[Record] = field(default_factory=list)
 
 
+def load_run_data(options: DataOptions, *, log=print) -> RunData:
+    """Training, test and warm-up questions; bad records are skipped and counted (UsageError
+    when a file cannot be read at all, or no training record is left). Without ``--data`` the
+    embedded shapes-math split is used, generated on first use."""
+    from r3v_fast.data.loaders import load_dataset
+    from r3v_fast.data.records import DataError
+
+    def load(path, what):
+        try:
+            records, report = load_dataset(path, fmt=options.data_format, image_root=options.image_root,
+                                           strict=False, check_images=True)
+        except (DataError, OSError) as err:
+            raise UsageError(f"cannot load {what} data: {err}")
+        if report.skipped:
+            log(f"{what} data: {report.summary()}")
+        return records
+
+    if options.data is None:
+        from r3v_fast.data.shapes import default_dataset
+
+        root = default_dataset(n_train=options.shapes_train, n_test=options.shapes_test)
+        train, test, warmup = (load(root / f"{name}.jsonl", name) for name in ("train", "test", "warmup"))
+        if options.test_data:
+            test = load(options.test_data, "test")
+    else:
+        train = load(options.data, "train")
+        test = load(options.test_data, "test") if options.test_data else []
+        warmup = load(options.warmup_data, "warmup") if options.warmup_data else []
+    if options.max_train_questions is not None:
+        train = train[: options.max_train_questions]
+    if options.max_test_questions is not None:
+        test = test[: options.max_test_questions]
+    if not train:
+        raise UsageError("the training data yields zero usable records")
+    return RunData(train=train, test=test, warmup=warmup)
+
+
 # ------------------------------------------------------------------------------ helpers
-def make_sampler(name: str, model, processor, cfg: RunConfig):
-    if name == "shared":
+def make_sampler(options: SamplingOptions, model, processor, *, show_progress: bool = True):
+    if options.sampler == "shared":
         from r3v_fast.engine.shared_sampler import SharedPrefixSampler
 
-        return SharedPrefixSampler(model, processor, batch_size=cfg.sample_batch_size, show_progress=cfg.progress)
-    if name == "hf":
-        return HFSampler(model, processor, batch_size=cfg.sample_batch_size, show_progress=cfg.progress)
-    raise UsageError(f"unknown sampler {name!r} (available: shared, hf)")
+        return SharedPrefixSampler(model, processor, batch_size=options.sample_batch_size,
+                                   show_progress=show_progress)
+    if options.sampler == "hf":
+        return HFSampler(model, processor, batch_size=options.sample_batch_size, show_progress=show_progress)
+    raise UsageError(f"unknown sampler {options.sampler!r} (available: shared, hf)")
 
 
 def load_processor(model_dir: Path, trust_remote_code: bool = False):
@@ -70,22 +101,12 @@ def load_processor(model_dir: Path, trust_remote_code: bool = False):
     return AutoProcessor.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
-def make_renderer(processor):
-    return lambda messages: prompts.render(processor, messages)
-
-
 def warmup_target(record: Record) -> str:
-    """The worked solution a warm-up record teaches: its own rationale if it carries one (e.g.
-    the distilled CoT of an MM-Self-Improve file, kept in meta["response"]), the shapes-math
-    template CoT, or else the direct answer line."""
-    worked = (record.meta or {}).get("rationale") or (record.meta or {}).get("response")
-    if worked:
-        return worked
-    if record.dataset == "shapes-math":
-        from r3v_fast.data.shapes import template_cot
-
-        return template_cot(record)
-    return prompts.answer_line(record.answer)
+    """The worked solution a warm-up record teaches: its own rationale when it carries one
+    (``meta["rationale"]``: the distilled CoT of an MM-Self-Improve file, the template solution
+    of a shapes-math warm-up item), else the direct answer line."""
+    worked = (record.meta or {}).get("rationale")
+    return worked if worked else prompts.answer_line(record.answer)
 
 
 def warmup_examples(records: list[Record], render) -> list[Example]:
@@ -93,26 +114,9 @@ def warmup_examples(records: list[Record], render) -> list[Example]:
                     target=warmup_target(r), question_id=r.id) for r in records]
 
 
-def train_options(cfg: RunConfig) -> TrainOptions:
-    names = TrainOptions.__dataclass_fields__
-    return TrainOptions(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
-
-
-def task_options(cfg: RunConfig) -> TaskOptions:
-    star = cfg.method == "star"
-    return TaskOptions(n_candidates=cfg.n_candidates, selects_per_question=cfg.selects_per_question,
-                       include_refine=not star, include_select=not star,
-                       include_warmup=cfg.include_warmup, seed=cfg.seed)
-
-
-def sampling_params(cfg: RunConfig, iteration: int) -> SamplingParams:
-    return SamplingParams(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + iteration)
-
-
 # ------------------------------------------------------------------------------ the run
 class Run:
-    def __init__(self, cfg: RunConfig, run_dir: Path, model_dir: Path, data: RunData, accelerator,
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, model_dir: Path, data: RunData, accelerator,
                  log=print):
         self.cfg = cfg
         self.dir = run_dir
@@ -120,66 +124,45 @@ class Run:
         self.data = data
         self.acc = accelerator
         self.log = log if accelerator.is_main_process else (lambda *a, **k: None)
-        self.pool = Pool(run_dir / "pool")
-        self.progress_path = run_dir / "progress.json"
-        self.dtype = torch.bfloat16 if self._bf16() else torch.float32
-
-    def _bf16(self) -> bool:
-        return bool(self.cfg.bf16) if self.cfg.bf16 is not None else torch.cuda.is_available()
+        self.pool = Pool(run_dir.pool_dir)
+        self.dtype = torch.bfloat16 if resolve_bf16(cfg.model.bf16) else torch.float32
 
     # progress + metrics ---------------------------------------------------------------
     def done(self, key: str) -> bool:
-        if not self.progress_path.exists():
-            return False
-        return key in json.loads(self.progress_path.read_text())
+        return self.dir.done(key)
 
     def mark(self, key: str, metrics: dict | None = None) -> None:
         """Record a finished phase (main process only), appending its metrics line first."""
         if self.acc.is_main_process:
-            if metrics is not None:
-                with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            state = json.loads(self.progress_path.read_text()) if self.progress_path.exists() else {}
-            state[key] = time.time()
-            atomic_write_text(self.progress_path, json.dumps(state, indent=1))
+            self.dir.mark(key, metrics)
         self.acc.wait_for_everyone()
 
     def metrics(self) -> list[dict]:
-        path = self.dir / "metrics.jsonl"
-        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        return self.dir.metrics()
 
     # models -----------------------------------------------------------------------------
-    def checkpoint(self, iteration: int) -> Path:
-        return self.dir / "checkpoints" / f"iter_{iteration:03d}"
-
     def load(self, path: Path):
         model, processor = load_vlm(path, dtype=self.dtype, device=str(self.acc.device),
-                                    trust_remote_code=self.cfg.trust_remote_code)
+                                    trust_remote_code=self.cfg.model.trust_remote_code)
         model.eval()
         return model, processor
 
     def save_checkpoint(self, model, processor, iteration: int) -> None:
-        """Merge adapters (sampling uses plain weights) and save atomically as safetensors."""
         if self.acc.is_main_process:
-            if hasattr(model, "merge_and_unload"):
-                model = model.merge_and_unload()
-            target = self.checkpoint(iteration)
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, safe_serialization=True)
-            processor.save_pretrained(tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
+            self.dir.save_checkpoint(model, processor, iteration)
         self.acc.wait_for_everyone()
+
+    def sampler(self, model, processor):
+        return make_sampler(self.cfg.sampling, model, processor, show_progress=self.cfg.run.progress)
 
     # phases -----------------------------------------------------------------------------
     def bootstrap(self, iteration: int, model, processor) -> dict:
         """Sample K solutions per training question into the pool; chunks are dealt to ranks."""
         cfg, t0 = self.cfg, time.time()
-        render = make_renderer(processor)
-        sampler = make_sampler(cfg.sampler, model, processor, cfg)
-        params = sampling_params(cfg, iteration)
-        chunks = chunk_ranges(len(self.data.train), cfg.chunk_size)
+        render = prompts.renderer(processor)
+        sampler = self.sampler(model, processor)
+        params = SamplingParams.from_options(cfg.sampling, seed=cfg.run.seed * 1000 + iteration)
+        chunks = chunk_ranges(len(self.data.train), cfg.loop.chunk_size)
         todo = [c for c in range(len(chunks)) if c % self.acc.num_processes == self.acc.process_index
                 and not self.pool.has_shard(iteration, c)]
         if len(todo) < len(chunks) // self.acc.num_processes:
@@ -202,28 +185,29 @@ class Run:
 
             chunks_per_rank = gather_object(chunks_per_rank)
         return {"iteration": iteration, "phase": "bootstrap", "pool_accuracy": 100 * self.pool.accuracy(iteration),
-                "samples": cfg.k * len(self.data.train), "chunks_per_rank": chunks_per_rank,
+                "samples": cfg.sampling.k * len(self.data.train), "chunks_per_rank": chunks_per_rank,
                 "seconds": time.time() - t0}
 
     def build(self, iteration: int, processor):
-        render = make_renderer(processor)
+        render = prompts.renderer(processor)
         warmup = warmup_examples(self.data.warmup, render)
-        examples, counts = build_examples(self.data.train, self.pool.by_question(max_iteration=iteration),
-                                          render, task_options(self.cfg), warmup)
-        return examples, counts
+        return build_examples(self.data.train, self.pool.by_question(max_iteration=iteration),
+                              render, self.cfg.tasks, warmup, seed=self.cfg.run.seed)
 
     def train(self, iteration: int, examples) -> dict:
         cfg = self.cfg
-        init = self.model_dir if cfg.init == "base" or iteration == 1 else self.checkpoint(iteration - 1)
-        model, processor = load_vlm(init, dtype=torch.float32 if cfg.lora_r <= 0 else self.dtype,
-                                    device=str(self.acc.device), trust_remote_code=cfg.trust_remote_code)
-        model = apply_lora(model, train_options(cfg))
-        trainer = Trainer(model, processor, self.acc, train_options(cfg), self.dir / "train_state",
-                          log=self.log, show_progress=cfg.progress)
+        init = self.model_dir if cfg.loop.init == "base" or iteration == 1 else self.dir.checkpoint(iteration - 1)
+        # Full fine-tuning keeps fp32 master weights (bf16 autocast does the compute); LoRA
+        # trains small adapters on top of weights held in the run's dtype.
+        model, processor = load_vlm(init, dtype=torch.float32 if cfg.train.lora_r <= 0 else self.dtype,
+                                    device=str(self.acc.device), trust_remote_code=cfg.model.trust_remote_code)
+        model = apply_lora(model, cfg.train)
+        trainer = Trainer(model, processor, self.acc, cfg.train, self.dir.train_state_dir,
+                          log=self.log, show_progress=cfg.run.progress, seed=cfg.run.seed)
         summary = trainer.train(examples)
         self.save_checkpoint(trainer.model, processor, iteration)
         if self.acc.is_main_process:
-            shutil.rmtree(self.dir / "train_state", ignore_errors=True)
+            self.dir.clear_train_state()
         history = summary.pop("history")
         last = history[-1] if history else {}
         return {"iteration": iteration, "phase": "train", **summary,
@@ -233,35 +217,34 @@ class Run:
         from accelerate.utils import gather_object
 
         cfg, t0 = self.cfg, time.time()
-        ks = cfg.eval_k_list()
+        ks = cfg.eval.k_list()
         mine = self.data.test[self.acc.process_index::self.acc.num_processes]
-        params = SamplingParams(k=max(ks), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                                seed=cfg.seed * 1000 + 500 + iteration)
-        sampler = make_sampler(cfg.sampler, model, processor, cfg)
-        rows = score_questions(mine, sampler, make_renderer(processor), ks=ks, params=params)
+        params = SamplingParams.from_options(
+            cfg.sampling, k=max(ks), max_new_tokens=cfg.eval.eval_max_new_tokens or cfg.sampling.max_new_tokens,
+            seed=cfg.run.seed * 1000 + 500 + iteration)
+        rows = score_questions(mine, self.sampler(model, processor), prompts.renderer(processor),
+                               ks=ks, params=params)
         if self.acc.num_processes > 1:
             rows = gather_object(rows)
         if self.acc.is_main_process:
-            atomic_write_text(self.dir / "eval" / f"iter_{iteration:03d}.jsonl",
-                              "".join(json.dumps(r) + "\n" for r in rows))
+            self.dir.write_eval_rows(iteration, rows)
         return {"iteration": iteration, "phase": "eval", **summarize(rows, ks), "seconds": time.time() - t0}
 
     # the loop ---------------------------------------------------------------------------
     def run(self) -> list[dict]:
         cfg = self.cfg
-        if cfg.eval_base and not self.done("eval:0"):
+        if cfg.loop.eval_base and not self.done("eval:0"):
             model, processor = self.load(self.model_dir)
             self.mark("eval:0", self.evaluate(0, model, processor))
             self.log(format_row(self.metrics()[-1]))
-        for t in range(1, cfg.iterations + 1):
+        for t in range(1, cfg.loop.iterations + 1):
             t_start = time.time()
             if not self.done(f"bootstrap:{t}"):
-                model, processor = self.load(self.model_dir if t == 1 else self.checkpoint(t - 1))
+                model, processor = self.load(self.model_dir if t == 1 else self.dir.checkpoint(t - 1))
                 self.mark(f"bootstrap:{t}", self.bootstrap(t, model, processor))
                 del model
             if not self.done(f"train:{t}"):
-                processor = load_processor(self.model_dir, self.cfg.trust_remote_code)
+                processor = load_processor(self.model_dir, cfg.model.trust_remote_code)
                 examples, counts = self.build(t, processor)
                 self.log(f"iteration {t}: {len(examples)} examples {dict(counts)}")
                 if not examples:
@@ -272,13 +255,13 @@ class Run:
                                      "select": counts.get("select", 0), "warmup": counts.get("warmup", 0)}
                 self.mark(f"train:{t}", summary)
             if not self.done(f"eval:{t}"):
-                model, processor = self.load(self.checkpoint(t))
+                model, processor = self.load(self.dir.checkpoint(t))
                 result = self.evaluate(t, model, processor)
                 result["iteration_seconds"] = time.time() - t_start
                 self.mark(f"eval:{t}", result)
                 self.log(format_row(result))
         if self.acc.is_main_process:
-            write_plot(self.metrics(), self.dir / "accuracy.png")
+            write_plot(self.metrics(), self.dir.plot_path)
         return self.metrics()
 
 

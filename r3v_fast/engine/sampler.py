@@ -22,21 +22,35 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from r3v_fast.config import SamplingOptions
+from r3v_fast.data.records import load_image
 from r3v_fast.model.loading import end_of_turn_id, pad_id
+
+
+_OPTIONS = SamplingOptions()   # the defaults of every sampling setting (r3v_fast.config)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    k: int = 3
-    temperature: float = 0.9
-    top_p: float = 0.95
-    top_k: int = 50
-    max_new_tokens: int = 384
+    """What one ``sample`` call draws: K completions per request at these settings."""
+
+    k: int = _OPTIONS.k
+    temperature: float = _OPTIONS.temperature
+    top_p: float = _OPTIONS.top_p
+    top_k: int = _OPTIONS.top_k
+    max_new_tokens: int = _OPTIONS.max_new_tokens
     seed: int = 0
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @classmethod
+    def from_options(cls, options: SamplingOptions, *, seed: int, **overrides) -> "SamplingParams":
+        """The run's sampling settings, with per-call ``overrides`` (k, max_new_tokens, ...)."""
+        values = dict(k=options.k, temperature=options.temperature, top_p=options.top_p,
+                      top_k=options.top_k, max_new_tokens=options.max_new_tokens, seed=seed)
+        return cls(**{**values, **overrides})
 
 
 GREEDY = SamplingParams(k=1, temperature=0.0)
@@ -64,14 +78,8 @@ class Sampler(Protocol):
 
 
 def load_images(requests: Sequence[Request]) -> list[Image.Image]:
-    images = []
-    for r in requests:
-        try:
-            with Image.open(r.image) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"cannot open image {r.image}: {err}") from err
-    return images
+    """The requests' images as RGB; DataError naming the request's key and the file."""
+    return [load_image(r.image, who=f"question {r.key!r}" if r.key else None) for r in requests]
 
 
 class HFSampler:

@@ -1,6 +1,6 @@
 """Task builders: turn the sample pool into the SFT, self-refine and self-select sets.
 
-The public R³V rules (DESIGN.md §1.2), applied per question over the whole pool:
+The public R³V rules (docs/architecture.md, "The algorithm"), applied per question over the whole pool:
 
 - SFT: if the question has at least one correct sample, the newest correct one is the target
   of the plain CoT prompt.
@@ -21,25 +21,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
+from r3v_fast.config import TaskOptions
 from r3v_fast.data import prompts
+from r3v_fast.data.prompts import Renderer
 from r3v_fast.data.records import Record
 from r3v_fast.engine.examples import Example
 from r3v_fast.engine.pool import Sample
-
-Renderer = Callable[[list[dict]], str]   # chat messages -> rendered prompt (processor-bound)
-
-
-@dataclass(frozen=True)
-class TaskOptions:
-    n_candidates: int = 3          # N candidates in a select prompt
-    selects_per_question: int = 2  # at most this many select examples per question
-    include_refine: bool = True    # False with include_select=False gives STaR (SFT on positives only)
-    include_select: bool = True
-    include_warmup: bool = True
-    seed: int = 0
 
 
 def _select_sets(pos: list[Sample], neg: list[Sample], n: int, limit: int) -> list[list[Sample]]:
@@ -63,8 +52,13 @@ def build_examples(
     render: Renderer,
     options: TaskOptions = TaskOptions(),
     warmup: Sequence[Example] = (),
+    *,
+    seed: int = 0,
 ) -> tuple[list[Example], Counter]:
-    """Build the mixed training set; returns the examples and their counts per task."""
+    """Build the mixed training set; returns the examples and their counts per task.
+
+    ``options.method`` "star" keeps the SFT examples only (no refine, no select); ``seed`` fixes
+    the candidate order of the select examples."""
     examples: list[Example] = []
     for record in records:
         samples = pool.get(record.id, [])
@@ -84,7 +78,7 @@ def build_examples(
         if options.include_refine:
             examples.append(example("refine", prompts.refine_messages(record, neg[0].text), pos[0].text))
         if options.include_select:
-            rng = random.Random(f"{options.seed}:{record.id}")
+            rng = random.Random(f"{seed}:{record.id}")
             for candidates in _select_sets(pos, neg, options.n_candidates, options.selects_per_question):
                 order = [c.text for c in candidates]
                 rng.shuffle(order)

@@ -31,47 +31,23 @@ import signal
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from r3v_fast.engine.examples import Example, tokenize_examples
+from r3v_fast.config import TrainOptions
+from r3v_fast.engine.examples import TASKS, Example, tokenize_examples
 from r3v_fast.engine.packing import pack
+from r3v_fast.engine.scoring import TargetLogprobs
 from r3v_fast.model.loading import pad_id
-from r3v_fast.scoring import TargetLogprobs
 
-TASKS = ("sft", "refine", "select", "warmup")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: training stops, naming the step and the batch's questions."""
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    epochs: int = 3
-    lr: float = 3e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 64            # examples per optimizer step (whole question groups)
-    max_tokens: int = 4096          # tokens per micro-batch
-    max_length: int = 2048          # longest example; longer ones are dropped and counted
-    packing: str = "tree"           # "tree" | "none"
-    loss_mix: str = "official"      # "official" | "per-task"
-    weight_sft: float = 1.0
-    weight_refine: float = 1.0
-    weight_select: float = 1.0
-    weight_warmup: float = 1.0
-    lora_r: int = 64                # 0 = full fine-tuning
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    save_every: int = 50            # steps between resumable training states
-    seed: int = 0
 
 
 def apply_lora(model, options: TrainOptions):
@@ -121,6 +97,26 @@ def loss_weights(tasks: Sequence[str], counts: dict[str, float], options: TrainO
     raise ValueError(f"unknown loss mix {options.loss_mix!r} (use 'official' or 'per-task')")
 
 
+def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int, **specific):
+    """``transformers.get_scheduler(name)``, advanced by one step before training starts.
+
+    transformers counts schedule steps from 0, so a warm-up starts at learning rate 0 and the
+    first optimizer step does nothing. Here the n-th optimizer step (1-based) runs at the
+    schedule's value at step n: a warm-up of w steps ramps 1/w, 2/w, ..., 1, and no step is
+    spent at 0. ``specific`` goes to the scheduler (e.g. ``min_lr_rate`` for cosine_with_min_lr).
+    """
+    import warnings
+
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=max(1, warmup_steps),
+                              num_training_steps=max(1, total_steps), scheduler_specific_kwargs=specific)
+    with warnings.catch_warnings():   # "lr_scheduler.step() before optimizer.step()": on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    return scheduler
+
+
 @contextmanager
 def interrupts_as_keyboard_interrupt():
     """Turn SIGTERM into KeyboardInterrupt so that a kill also saves the training state."""
@@ -142,11 +138,12 @@ class Trainer:
     """Trains one model on one mixed example set; owns its resumable state directory."""
 
     def __init__(self, model, processor, accelerator, options: TrainOptions, state_dir: Path,
-                 log=print, show_progress: bool = True):
+                 log=print, show_progress: bool = True, seed: int = 0):
         self.model = model
         self.processor = processor
         self.accelerator = accelerator
         self.options = options
+        self.seed = seed
         self.state_dir = Path(state_dir)
         self.log = log
         self.show_progress = show_progress
@@ -205,13 +202,12 @@ class Trainer:
         if not tokenized:
             raise ValueError("no trainable example left (all dropped or none built)")
         kept = [examples[t.index] for t in tokenized]
-        steps = plan_steps(kept, opts.batch_size, opts.epochs, opts.seed)
+        steps = plan_steps(kept, opts.batch_size, opts.epochs, self.seed)
 
         wrapper = TargetLogprobs(self.model)
         params = [p for p in wrapper.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-        warmup = max(1, opts.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        scheduler = lr_schedule(optimizer, opts.lr_scheduler, opts.warmup_steps, len(steps))
         wrapper, optimizer = acc.prepare(wrapper, optimizer)
         start = self._load_state(wrapper, optimizer, scheduler)
         if start:

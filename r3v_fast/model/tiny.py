@@ -10,7 +10,8 @@ the code path of a real checkpoint, with no special case anywhere in the engine.
 
 Sizes: a 112x112 image gives 8x8 patches of 14 px, merged 2x2 into 16 image tokens for the
 Qwen models; the LLaVA image processor resizes and crops to 56x56, i.e. 4x4 = 16 patches.
-Everything is deterministic given `seed`, and the global torch RNG is left untouched.
+Everything is deterministic given `seed`, and the global torch RNG is left untouched. The
+shipped default checkpoint is pretrained from `make_tiny_qwen2vl` by `python -m r3v_fast.pretrain`.
 """
 
 from __future__ import annotations
@@ -261,19 +262,23 @@ def build_tiny_llava(out_dir, **kwargs) -> Path:
     return _save(*make_tiny_llava(**kwargs), out_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m r3v_fast.model.tiny pretrain --out DIR [...]``: build the embedded default
-    checkpoint (see r3v_fast.model.pretrain for the options)."""
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "pretrain":
-        print("usage: python -m r3v_fast.model.tiny pretrain --out DIR [--seed S] ...", file=sys.stderr)
-        return 2
-    from r3v_fast.model.pretrain import main as pretrain_main
-
-    return pretrain_main(argv[1:])
+PACKAGED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-vlm"
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def default_model_dir() -> Path:
+    """The default ``--model``: the shipped tiny VLM checkpoint (r3v_fast/assets/tiny-vlm, made
+    by ``python -m r3v_fast.pretrain``), or, where the package has none, a tiny random Qwen2-VL
+    built once into the user cache (deterministic, seed 0)."""
+    import os
+    import time
+
+    if (PACKAGED_MODEL / "config.json").exists():
+        return PACKAGED_MODEL
+    cache = Path(os.environ.get("R3V_CACHE") or Path.home() / ".cache" / "r3v_fast")
+    target = cache / "tiny-qwen2vl-random-v1"
+    if not (target / "config.json").exists():
+        tmp = target.with_name(target.name + f".tmp{time.time_ns()}")
+        build_tiny_qwen2vl(tmp, seed=0)
+        if not (target / "config.json").exists():
+            tmp.rename(target)
+    return target

@@ -14,7 +14,6 @@ Each public op takes ``backend="auto" | "triton" | "cpp" | "torch"`` (docs/archi
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -24,7 +23,6 @@ __all__ = ["BACKENDS", "resolve_backend", "triton_available", "cpp_available"]
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
 
-@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

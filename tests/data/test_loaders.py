@@ -47,7 +47,7 @@ def test_mmsi(tmp_path, png):
     assert first == Record(id="geo-1", image=str(tmp_path / "images" / "1.png"),
                            question="Find angle ABC.", answer="B", dataset="geoqa",
                            choices=("30°", "45°", "60°"),
-                           meta={"response": "Angle ABC is half of 90°, so 45°.\nAnswer: B"})
+                           meta={"rationale": "Angle ABC is half of 90°, so 45°.\nAnswer: B"})
     # an answer given as option text becomes its letter; the id falls back to stem-index
     assert (second.id, second.question, second.choices, second.answer, second.meta) == \
         ("geoqa_train_cot-1", "What is x?", ("2", "3"), "B", None)

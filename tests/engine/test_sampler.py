@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from r3v_fast.data import prompts
-from r3v_fast.data.records import Record
+from r3v_fast.data.records import DataError, Record
 from r3v_fast.engine.sampler import GREEDY, HFSampler, Request, SamplingParams
 from r3v_fast.model.loading import load_vlm
 
@@ -55,5 +55,5 @@ def test_greedy_matches_plain_generate_one_by_one(setup):
 def test_missing_image_is_a_clear_error(setup, tmp_path):
     model, processor, requests = setup
     sampler = HFSampler(model, processor, show_progress=False)
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(DataError, match="nope.png"):
         sampler.sample([Request(requests[0].prompt, str(tmp_path / "nope.png"))], GREEDY)

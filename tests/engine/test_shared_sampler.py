@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from r3v_fast.data import prompts
-from r3v_fast.data.records import Record
+from r3v_fast.data.records import DataError, Record
 from r3v_fast.engine import evaluation
 from r3v_fast.engine.sampler import HFSampler, Request, SamplingParams, load_images
 from r3v_fast.engine.shared_sampler import SharedPrefixSampler
@@ -292,7 +292,7 @@ def test_token_budget_splits_groups_and_kv_is_prefix_plus_branches(setup):
 @qwen_only
 def test_missing_image_is_a_clear_error(setup, tmp_path):
     model, processor, _, requests = setup
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(DataError, match="nope.png"):
         _sampler(model, processor).sample([Request(requests[0].prompt, str(tmp_path / "nope.png"))], GREEDY)
 
 

@@ -23,8 +23,9 @@ def pool_of(qid, marks, iteration=1):
                          f"{4 if ok else 5}", "4" if ok else "5", ok) for i, ok in enumerate(marks)]}
 
 
-def build(marks, **opts):
-    return build_examples([record()], pool_of("q1", marks), render, TaskOptions(include_warmup=False, **opts))
+def build(marks, seed=0, **opts):
+    return build_examples([record()], pool_of("q1", marks), render, TaskOptions(include_warmup=False, **opts),
+                          seed=seed)
 
 
 def test_one_right_two_wrong():
@@ -77,7 +78,7 @@ def test_select_candidates_shuffled_deterministically():
 
 
 def test_star_keeps_sft_only_and_warmup_is_appended():
-    examples, counts = build([True, False, False], include_refine=False, include_select=False)
+    examples, counts = build([True, False, False], method="star")
     assert counts == Counter(sft=1)
     from r3v_fast.engine.examples import Example
 

@@ -17,7 +17,7 @@ from r3v_fast.data.records import Record
 from r3v_fast.engine.examples import Example, tokenize_examples
 from r3v_fast.engine.packing import pack
 from r3v_fast.model.loading import end_of_turn_id, load_vlm
-from r3v_fast.scoring import TargetLogprobs, sequence_logprobs
+from r3v_fast.engine.scoring import TargetLogprobs, sequence_logprobs
 
 RTOL = 1e-5
 
@@ -194,3 +194,9 @@ def test_tree_batches_switch_the_decoder_back_to_tree_attention(setup):
         got = torch.zeros(5).index_put((batch.example_index,), wrapper(batch)[0])
     assert model.config.get_text_config()._attn_implementation == "r3v_tree"
     assert_matches_reference(got, reference_model, processor, examples[:5])
+
+
+def test_public_import_path_reexports_the_engine_functions():
+    import r3v_fast.scoring as public
+
+    assert public.sequence_logprobs is sequence_logprobs and public.TargetLogprobs is TargetLogprobs

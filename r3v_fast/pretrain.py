@@ -9,7 +9,7 @@ and no weights can be downloaded, so the project trains its own base VLM here, f
    Its processor resizes the 112 px shapes-math images to 84 px: 6x6 patches of 14 px, merged
    2x2 into 9 image tokens, one per cell of the scenes' 3x3 layout;
 3. next-token training on target tokens only (plain HF forward with `labels`, AdamW, linear
-   warm-up then cosine decay). Every step's batch mixes
+   warm-up then cosine decay to a floor). Every step's batch mixes
    - scene captions ("The image shows 2 red circles and 1 blue square: 3 objects."), the dense
      perception signal: colour, shape and count of everything in the image;
    - direct-answer QA over every question type, with its own short prompt (question + "reply
@@ -35,35 +35,38 @@ Determinism: model init, data streams and batch order all derive from `seed`, an
 runs with a fixed number of intra-op threads (1 by default), so the same seed gives the same
 checkpoint bytes on the same machine.
 
-    python -m r3v_fast.model.pretrain --out DIR [--seed S] [--evaluate]
-    (the default seed, SHIPPED_SEED = 1, rebuilds the shipped checkpoint: same bytes on the same
-    machine; seed 0 gives a base whose zero-shot CoT is already near its direct-answer ceiling)
-    (also: python -m r3v_fast.model.tiny pretrain --out DIR ...)
+    python -m r3v_fast.pretrain --out DIR [--seed S] [--evaluate]     (--help: every setting)
+    (the default seed, SHIPPED_SEED = 1, is the shipped checkpoint's; seed 0 gives a base whose
+    zero-shot CoT is already near its direct-answer ceiling)
+
+The shipped checkpoint was trained with a hand-written schedule whose cosine decay ran one
+step behind transformers' ``cosine_with_min_lr`` used here (same warm-up, same end points),
+so a rebuild now gives slightly different bytes (see the README).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 
+from r3v_fast.config import add_options, new_parser, option
 from r3v_fast.data import prompts
 from r3v_fast.data.records import Record
 from r3v_fast.data.shapes import COLORS, QUESTION_TYPES, SHAPES, make_item, render_scene, template_cot
+from r3v_fast.engine.trainer import lr_schedule
 
 __all__ = ["PretrainConfig", "DIRECT_INSTRUCTION", "direct_messages", "tokenizer_corpus",
            "pretrain", "evaluate_checkpoint", "main"]
 
-PACKAGED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-vlm"
+PACKAGED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-vlm"
 SHIPPED_SEED = 1  # the seed of the shipped checkpoint (with PretrainConfig's defaults)
 
 DIRECT_INSTRUCTION = "Reply with the final answer only, as \"Answer: <answer>\"."
@@ -74,35 +77,36 @@ EASY_TYPES = tuple(t for t, level in QUESTION_TYPES.items() if level <= 2)
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    seed: int = 0
+    title: ClassVar[str] = "pretraining"
+    seed: int = option(SHIPPED_SEED, "seed of the model, the tokenizer corpus and every data stream")
     # model (r3v_fast.model.tiny.make_tiny_qwen2vl knobs)
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    vision_depth: int = 2
-    vision_embed_dim: int = 64
-    vision_num_heads: int = 2
-    vocab_size: int = 1024
-    image_size: int = 112              # shapes-math render size (the default split's)
-    vision_side: int = 84              # the processor resizes images to at most this side, px
+    hidden_size: int = option(128, "width of the language model")
+    num_layers: int = option(4, "layers of the language model")
+    num_heads: int = option(4, "attention heads of the language model")
+    num_kv_heads: int = option(2, "key/value heads of the language model")
+    vision_depth: int = option(2, "blocks of the vision tower")
+    vision_embed_dim: int = option(64, "width of the vision tower")
+    vision_num_heads: int = option(2, "attention heads of the vision tower")
+    vocab_size: int = option(1024, "size of the byte-level BPE vocabulary to train")
+    image_size: int = option(112, "shapes-math render size in px (the default split's)")
+    vision_side: int = option(84, "the processor resizes images to at most this side, px")
     # data: each step's batch = fresh captions + fresh direct QA + CoT warm-up items
-    batch_caption: int = 12
-    batch_direct: int = 16
-    batch_cot: int = 4
-    batch_arithmetic: int = 4          # text-only sums and differences, as the CoT steps write them
-    n_cot_easy: int = 300              # the CoT warm-up set: counting types (level <= 2) ...
-    n_cot_hard: int = 20               # ... and a few of the harder types (level >= 3)
-    exclude_test_seed: int | None = 0  # skip items of this default test split (None: no check)
+    batch_caption: int = option(12, "scene captions per step (drawn fresh)")
+    batch_direct: int = option(16, "direct-answer questions per step (drawn fresh)")
+    batch_cot: int = option(4, "worked CoT solutions per step, from the warm-up set")
+    batch_arithmetic: int = option(4, "text-only sums and differences per step")
+    n_cot_easy: int = option(300, "CoT warm-up items of the counting types (level <= 2)")
+    n_cot_hard: int = option(20, "CoT warm-up items of the harder types (level >= 3)")
+    exclude_test_seed: int | None = option(0, "skip items of the default test split of this seed; none = no check")
     # optimisation
-    steps: int = 2500
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1          # cosine decay to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    vision_lr_scale: float = 0.1       # encoder lr = lr * this (0 freezes it); see _param_groups
-    max_grad_norm: float = 1.0
-    threads: int = 1                   # intra-op threads: fixed, so the result is reproducible
+    steps: int = option(2500, "optimizer steps")
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "cosine decay to lr * min_lr_ratio")
+    warmup_steps: int = option(50, "steps of linear warm-up")
+    weight_decay: float = option(0.01, "AdamW weight decay of the matrices")
+    vision_lr_scale: float = option(0.1, "vision-encoder lr = lr * this (0 freezes it)")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this")
+    threads: int = option(1, "intra-op threads: fixed, so the result is reproducible")
 
     @property
     def batch_size(self) -> int:
@@ -322,23 +326,17 @@ def _param_groups(model, cfg: PretrainConfig) -> list[dict]:
             for (encoder, decay), params in sorted(groups.items())]
 
 
-def _lr_factor(step: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 # -- pretraining ----------------------------------------------------------------------------------
 
-def pretrain(out_dir, seed: int = 0, *, config: PretrainConfig | None = None, log=print, **overrides) -> Path:
+def pretrain(out_dir, seed: int | None = None, *, config: PretrainConfig | None = None, log=print,
+             **overrides) -> Path:
     """Build, train and save the tiny VLM into `out_dir`; returns the directory.
 
-    `config` (default PretrainConfig()) with `seed` and any `overrides` (PretrainConfig field
-    names) applied. Also writes `pretrain.json` (the configuration, losses and wall time).
+    `config` (default PretrainConfig()) with `seed` (if given) and any `overrides`
+    (PretrainConfig field names) applied. Also writes `pretrain.json` (the configuration,
+    losses and wall time).
     """
-    cfg = replace(config or PretrainConfig(), seed=seed, **overrides)
+    cfg = replace(config or PretrainConfig(), **({} if seed is None else {"seed": seed}), **overrides)
     parts = (cfg.batch_caption, cfg.batch_direct, cfg.batch_cot, cfg.batch_arithmetic)
     if min(parts) < 0 or cfg.batch_size == 0 or cfg.batch_size == cfg.batch_arithmetic:
         raise ValueError(f"batch composition must be non-negative with at least one image example, got "
@@ -387,7 +385,9 @@ def _train(cfg: PretrainConfig, out: Path, log) -> dict:
         f"{cfg.batch_arithmetic} arithmetic + {cfg.batch_cot} CoT from a warm-up set of {len(cot_set)}")
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
+    # Linear warm-up, then cosine decay to lr * min_lr_ratio (transformers' cosine_with_min_lr).
+    scheduler = lr_schedule(optimizer, "cosine_with_min_lr", cfg.warmup_steps, cfg.steps,
+                            min_lr_rate=cfg.min_lr_ratio)
     cot_rng, cot_order = random.Random(f"{base}/cot-order"), []
     history, window = [], []
     model.train()
@@ -470,23 +470,13 @@ def format_report(report: dict) -> str:
 # -- command line ---------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m r3v_fast.model.pretrain",
-                                     description=__doc__.split("\n")[0])
+    parser = new_parser("python -m r3v_fast.pretrain", __doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output model directory")
-    parser.add_argument("--seed", type=int, default=SHIPPED_SEED,
-                        help="(default: %(default)s, the shipped checkpoint's seed)")
     parser.add_argument("--evaluate", action="store_true",
                         help="afterwards, report per-type accuracy on the default test split")
-    defaults = PretrainConfig()
-    for f in fields(PretrainConfig):
-        if f.name in ("seed", "exclude_test_seed"):
-            continue
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(getattr(defaults, f.name)),
-                            default=None, help=f"(default: {getattr(defaults, f.name)!r})")
+    names = add_options(parser, [PretrainConfig])
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in fields(PretrainConfig)
-                 if getattr(args, f.name, None) is not None and f.name != "seed"}
-    out = pretrain(args.out, seed=args.seed, **overrides)
+    out = pretrain(args.out, config=PretrainConfig(**{name: getattr(args, name) for name in names}))
     if args.evaluate:
         from r3v_fast.data.records import read_records
         from r3v_fast.data.shapes import default_dataset

@@ -1,4 +1,4 @@
-"""Tests for r3v_fast.model.pretrain and the shipped tiny VLM in r3v_fast/assets/tiny-vlm.
+"""Tests for r3v_fast.pretrain and the shipped tiny VLM in r3v_fast/assets/tiny-vlm.
 
 - A drastically shrunk pretraining run (a few steps on a few examples) writes a directory that
   the generic HF path (`load_vlm`) loads and that generates; the same seed gives the same
@@ -23,7 +23,7 @@ from r3v_fast.data.records import read_records
 from r3v_fast.data.shapes import generate
 from r3v_fast.engine.sampler import GREEDY, HFSampler, Request
 from r3v_fast.engine.evaluation import is_right
-from r3v_fast.model import pretrain as pt
+from r3v_fast import pretrain as pt
 from r3v_fast.model.loading import end_of_turn_id, load_vlm, pad_id
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, vision_depth=1,
