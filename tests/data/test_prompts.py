@@ -1,4 +1,4 @@
-"""Prompts: structure of DESIGN.md §1, the shared (image + question) prefix in text and tokens."""
+"""Prompts: the structure of docs/architecture.md ("Prompts"), the shared (image + question) prefix in text and tokens."""
 
 import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
