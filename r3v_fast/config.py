@@ -33,7 +33,8 @@ Presets:
 - ``smoke``: a minutes-long sanity run (few questions, 1 iteration);
 - ``public``: the public R³V setting for a real VLM (the field defaults: LoRA r 64 / α 16,
   LR 3e-5 constant after warm-up, 3 epochs, 64 examples per step, max length 2048, K = 3 at
-  temperature 0.9, top-p 0.95, top-k 50, 384 new tokens); give ``--model`` and ``--data``.
+  temperature 0.9, top-p 0.95, top-k 50, 384 new tokens; plus the warm-up round as iteration
+  0); give ``--model``, ``--data`` and ``--warmup-data``.
 """
 
 from __future__ import annotations
@@ -82,8 +83,11 @@ class DataOptions:
     title: ClassVar[str] = "data"
     data: str | None = option(None, "training questions; none = the embedded shapes-math split")
     test_data: str | None = option(None, "held-out questions for evaluation")
-    warmup_data: str | None = option(None, "warm-up set kept in every training mix (direct QA / worked CoT)")
+    warmup_data: tuple[str, ...] = option((), "warm-up files or glob patterns, kept in every training mix "
+                                               "(direct-answer QA and worked CoT, e.g. sft_qa.json *_sft_gpt.json)")
     data_format: Literal[FORMATS] = option("auto", "format of the data files; auto detects it per file")
+    dataset: str | None = option(None, "judge for every data file (chartqa, tabmwp, clevr-math, geoqa, m3cot, "
+                                       "...); none = from the file's or its folder's name")
     image_root: str | None = option(None, "folder that image paths are relative to; none = the format's default")
     shapes_train: int = option(600, "questions in the embedded shapes-math train split (no --data)")
     shapes_test: int = option(200, "questions in the embedded shapes-math test split (no --test-data)")
@@ -106,7 +110,9 @@ class LoopOptions:
     iterations: int = option(3, "R3V iterations: bootstrap, build, train, evaluate")
     init: Literal["base", "previous"] = option(
         "base", "weights each iteration trains from: the base model (public R3V) or the previous iteration's")
-    eval_base: bool = option(True, "evaluate the starting model as iteration 0")
+    eval_base: bool = option(True, "evaluate the starting model (iteration 0, or -1 before a warm-up round)")
+    warmup_round: bool = option(False, "iteration 0 trains on the warm-up data only, and iteration 1 samples "
+                                       "from that model (the public pipeline)")
     chunk_size: int = option(64, "questions per sample-pool shard (the unit of resume and of sharding)")
 
 
@@ -173,6 +179,8 @@ class EvalOptions:
     title: ClassVar[str] = "evaluation"
     eval_ks: str = option("1,3", "comma-separated K values for maj@K, oracle@K and select@K")
     eval_max_new_tokens: int | None = option(None, "longest evaluated solution in tokens; none = --max-new-tokens")
+    select_max_new_tokens: int | None = option(None, "longest reply to the select prompt at test time; "
+                                                     "none = the evaluation length")
 
     def k_list(self) -> list[int]:
         try:
@@ -296,7 +304,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(iterations=1, k=3, max_new_tokens=24, eval_ks="1,3", epochs=1, lr=1e-3, batch_size=16,
                   max_tokens=2048, max_length=384, lora_r=0, warmup_steps=1, max_train_questions=24,
                   max_test_questions=12, sample_batch_size=12, chunk_size=8),
-    "public": dict(),
+    "public": dict(warmup_round=True),
 }
 
 
@@ -336,6 +344,12 @@ def _unwrap_optional(kind) -> tuple[Any, bool]:
 def coerce(name: str, value: Any, kind) -> Any:
     """``value`` (from JSON or the command line) as the field's type; UsageError otherwise."""
     base, optional = _unwrap_optional(kind)
+    if typing.get_origin(base) is tuple:   # tuple[str, ...]: a list in JSON, several words on the command line
+        item = typing.get_args(base)[0]
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, (list, tuple)):
+            raise UsageError(f"{flag(name)}: expected a list, got {value!r}")
+        return tuple(coerce(name, v, item) for v in values)
     if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
         if optional:
             return None
@@ -404,6 +418,10 @@ def add_options(parser: argparse.ArgumentParser, groups: Sequence[type], *,
                 kwargs["metavar"] = base.__name__.upper() + ("|none" if optional else "")
             if base is bool:
                 kwargs.update(nargs="?", const=True, metavar="BOOL")
+            if typing.get_origin(base) is tuple:   # --flag A B C (an empty list: the flag alone)
+                item = typing.get_args(base)[0]
+                kwargs.update(nargs="*", metavar=item.__name__.upper(),
+                              type=lambda text, name=f.name, item=item: convert(text, name, item))
             section.add_argument(flag(f.name), **kwargs)
             if base is bool:
                 section.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",

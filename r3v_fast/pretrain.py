@@ -69,7 +69,7 @@ __all__ = ["PretrainConfig", "DIRECT_INSTRUCTION", "direct_messages", "tokenizer
 PACKAGED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-vlm"
 SHIPPED_SEED = 1  # the seed of the shipped checkpoint (with PretrainConfig's defaults)
 
-DIRECT_INSTRUCTION = "Reply with the final answer only, as \"Answer: <answer>\"."
+DIRECT_INSTRUCTION = prompts.DIRECT_INSTRUCTION   # the warm-up direct-answer prompt of the engine
 CAPTION_PROMPT = "List the objects in the image by colour and shape."
 ARITHMETIC_PROMPT = "Work out {expression}."
 EASY_TYPES = tuple(t for t, level in QUESTION_TYPES.items() if level <= 2)
@@ -116,9 +116,8 @@ class PretrainConfig:
 # -- prompts and data -----------------------------------------------------------------------------
 
 def direct_messages(record: Record) -> list[dict]:
-    """Chat messages asking for the answer at once (no rationale): the direct-QA prompt."""
-    text = f"{record.question.strip()}\n{DIRECT_INSTRUCTION}"
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    """Chat messages asking for the answer at once (no rationale): the engine's direct-QA prompt."""
+    return prompts.direct_messages(record)
 
 
 def caption_messages() -> list[dict]:

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(cfg.model.model) if cfg.model.model else default_model_dir()
         check_model_dir(model_dir, trust_remote_code=cfg.model.trust_remote_code)
         data = load_run_data(cfg.data)
+        if cfg.loop.warmup_round and not data.warmup:
+            raise UsageError("--warmup-round needs warm-up data (--warmup-data)")
         # cpu=True on a machine without CUDA: otherwise accelerate ignores a multi-process launch
         # (each rank would believe it is alone) instead of using gloo.
         accelerator = Accelerator(mixed_precision="bf16" if resolve_bf16(cfg.model.bf16) else "no",

@@ -6,6 +6,8 @@ under a second once transformers is imported. Treat the directories as read-only
 (shutil.copytree) before changing files in it.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,3 +41,52 @@ def rgb_images():
     shapes = [(112, 112), (84, 140), (56, 56)]
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
             for h, w in shapes]
+
+
+# -- the public MM-Self-Improve data layout, written here with its exact structure -------------
+def _suffixes():
+    qa = "Answer the question with a numerical value, Yes/No, or a word or phrase."
+    cot = ("First generate a step-by-step solution, then answer the question with a numerical value, "
+           "Yes/No, or a word or phrase.")
+    return qa, cot
+
+
+def write_public_chartqa(root, n_qa=6, n_cot=3, image_size=(112, 112)):
+    """chartqa/sft_qa.json (direct-answer QA) + chartqa/qwenvl_sft_gpt.json (distilled CoT) with
+    the public suffix lines, images in images/; returns the two file paths. Questions ask about
+    the number of bars of a tiny drawn chart, so the answers are integers."""
+    import json
+
+    root = Path(root)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    qa_suffix, cot_suffix = _suffixes()
+    qa, cot = [], []
+    for i in range(n_qa + n_cot):
+        bars = 1 + i % 4
+        img = Image.new("RGB", image_size, "white")
+        for b in range(bars):
+            for x in range(10 + 20 * b, 22 + 20 * b):
+                for y in range(40, 100):
+                    img.putpixel((x, y), (30, 60, 200))
+        name = f"{i:05d}.png"
+        img.save(images / name)
+        question = "How many bars does the chart show?"
+        if i < n_qa:
+            qa.append({"image": name, "conversations": [
+                {"from": "user", "value": f"{question}\n{qa_suffix}"},
+                {"from": "assistant", "value": str(bars)}]})
+        else:
+            cot.append({"image": name, "conversations": [
+                {"from": "user", "value": f"{question}\n{cot_suffix}"},
+                {"from": "assistant", "value": f"Solution:\n1. I count {bars} bars.\n\nAnswer:\n{bars}"}]})
+    folder = root / "chartqa"
+    folder.mkdir(exist_ok=True)
+    (folder / "sft_qa.json").write_text(json.dumps(qa))
+    (folder / "qwenvl_sft_gpt.json").write_text(json.dumps(cot))
+    return folder / "sft_qa.json", folder / "qwenvl_sft_gpt.json"
+
+
+@pytest.fixture
+def public_chartqa(tmp_path):
+    return (tmp_path, *write_public_chartqa(tmp_path))

@@ -32,9 +32,11 @@ Comparison per dataset:
 - tabmwp: with choices, the option picked by its text or by letter ("B", "(B)") must be the gold
   option (gold given as option text, as in TabMWP, or as a letter). Option texts are matched
   before letters, so an option whose text is "A" is read as that option. Without choices, numbers are
-  normalised as in the public TabMWP code (strip "$", commas, trailing ".", the unit and other
-  trailing words; "a/b" -> round(a/b, 3); floats rounded to 3 decimals) and compared; other text
-  is compared case-insensitively.
+  normalised as in the public TabMWP code (the minus sign U+2212 as "-", "$\\frac{a}{b}$" (also
+  \\dfrac, \\tfrac) as a/b, LaTeX \\text{} and math delimiters dropped; strip "$", commas,
+  trailing ".", the unit and other trailing words; "a/b" -> round(a/b, 3); floats rounded to 3
+  decimals) and compared; other text is compared case-insensitively.
+- every dataset reads the minus sign U+2212 in a number as "-".
 - geoqa, m3cot: option letters (A..E, or as many as there are choices). The gold may be a letter
   or, when choices are given, the option text; the prediction may be a letter or an option text
   (letters are read first).
@@ -63,6 +65,7 @@ _WORDS = ("zero one two three four five six seven eight nine ten eleven twelve t
 _NUMBER_WORDS = {w: i for i, w in enumerate(_WORDS)}
 _INTEGER_SETS = ("shapes-math", "clevr-math")
 _LETTER_SETS = ("geoqa", "m3cot")
+_MINUS = "\u2212"   # the minus sign U+2212 is read as "-" in every number
 # Longer model outputs are cut to their tail: the answer is at the end, and this bounds the
 # regex work on pathological inputs.
 _MAX_CHARS = 20_000
@@ -86,7 +89,7 @@ def _first_line(text: str) -> str | None:
 
 
 def _last_number(text: str) -> str | None:
-    numbers = _NUMBER.findall(text)
+    numbers = _NUMBER.findall(text.replace(_MINUS, "-"))
     return numbers[-1] if numbers else None
 
 
@@ -125,8 +128,8 @@ def extract_answer(dataset: str, text: str) -> str | None:
 # -- numbers ------------------------------------------------------------------------------------
 
 def _to_float(text: str) -> float | None:
-    """A plain number ("1,234.5", "-3", ".5") -> float; None for anything else or non-finite."""
-    text = text.strip()
+    """A plain number ("1,234.5", "-3", "−3", ".5") -> float; None for anything else or non-finite."""
+    text = text.strip().replace(_MINUS, "-")
     if not _NUMBER.fullmatch(text):
         return None
     try:
@@ -156,6 +159,20 @@ def _integer(text: str) -> int | None:
 
 _TABMWP_NUMBER = re.compile(
     r"(?P<num>[-+]?(?:\d+(?:\.\d+)?|\.\d+))(?:\s*/\s*(?P<den>\d+(?:\.\d+)?))?(?:\s+[A-Za-z][A-Za-z .'-]*)?")
+
+
+# LaTeX that models write around TabMWP answers, as the public TabMWP evaluation reads it:
+# "$\frac{3}{4}$" is 3/4 (also \dfrac, \tfrac, a signed numerator), "\text{ cm}" its text,
+# "\$" a dollar sign, and the math delimiters \( \) \[ \] and thin spaces "\," vanish.
+_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([-+]?[\d.,]+)\s*\}\s*\{\s*([-+]?[\d.,]+)\s*\}")
+_TEXT = re.compile(r"\\(?:text|mathrm)\s*\{([^{}]*)\}")
+
+
+def _unlatex(text: str) -> str:
+    text = _FRAC.sub(r"\1/\2", text.replace(_MINUS, "-"))
+    text = _TEXT.sub(r"\1", text)
+    text = text.replace("\\$", "$").replace("\\%", "%")
+    return re.sub(r"\\[()\[\],!]", "", text).strip()
 
 
 def _tabmwp_number(text: str, unit: str | None) -> float | None:
@@ -236,6 +253,7 @@ def is_correct(dataset: str, text: str, answer: str, choices: Sequence[str] | No
             return _same_text(pred, gold)
         return _option_index(pred, choices, n_letters, text_first=text_first) == gold_index
     if name == "tabmwp":
+        pred, gold = _unlatex(pred), _unlatex(gold)
         p, g = _tabmwp_number(pred, unit), _tabmwp_number(gold, unit)
         if p is not None and g is not None:
             return p == g
@@ -262,6 +280,8 @@ def canonical_answer(dataset: str, text: str, choices: Sequence[str] | None = No
     if name in _INTEGER_SETS:
         value = _integer(pred)
         return None if value is None else str(value)
+    if name == "tabmwp":
+        pred = _unlatex(pred)
     if name in _LETTER_SETS or (name == "tabmwp" and choices):
         index = _option_index(pred, choices, len(choices) if choices else 5, text_first=name == "tabmwp")
         if index is not None:

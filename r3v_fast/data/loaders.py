@@ -6,11 +6,15 @@
 ``mmsi``        MM-Self-Improve JSON: a list of ``{"id"?, "image", "conversations": [user, assistant]}``
                 where a turn is ``{"from": "user"|"human", "value": ...}`` /
                 ``{"from": "assistant"|"gpt", "value": ...}``. ``<image>`` tags are removed from
-                the user text; trailing option lines ("A. ...", "(B) ...", "C: ...", optionally
-                under a "Choices:"/"Options:" header) become ``choices``. The assistant value is
-                the answer, or a CoT whose text after the last "Answer:" is the answer (the full
-                CoT is kept in ``meta["rationale"]``). The dataset name comes from ``dataset=``,
-                else from the file name (geoqa, m3cot, chartqa, ...), else "mmsi".
+                the user text, then its last line when it is one of the public answer-format
+                instructions (:data:`PUBLIC_PROMPT_SUFFIXES`, kept in ``meta["prompt_suffix"]``);
+                then trailing option lines ("A. ...", "(B) ...", "C: ...", optionally under a
+                "Choices:"/"Options:" header) become ``choices`` and a trailing "(Unit: x)" the
+                ``unit``. The assistant value is the answer (a direct-answer QA record), or a
+                CoT whose text after the last "Answer:" is the answer (the full CoT is kept in
+                ``meta["rationale"]``). The dataset name comes from ``dataset=``, else from the
+                file's or its folder's name (chartqa/sft_qa.json -> chartqa; clevr -> clevr-math),
+                else "mmsi".
 ``chartqa``     raw ChartQA: a list of ``{"imgname", "query", "label"}``; images in ``<dir>/png``.
 ``tabmwp``      raw TabMWP ``problems_*.json``: a dict keyed by problem id with ``question``,
                 ``choices`` (list or null), ``unit`` (str or null), ``answer``; images
@@ -42,10 +46,32 @@ from pathlib import Path
 from .records import (OPTION_LETTERS, DataError, LoadReport, Record, collect, load_rows, record_from_json,
                       resolve_image)
 
-__all__ = ["FORMATS", "load_dataset", "detect_format", "split_choices"]
+__all__ = ["FORMATS", "PUBLIC_PROMPT_SUFFIXES", "load_dataset", "detect_format", "split_choices",
+           "strip_prompt_suffix", "load_files"]
 
 FORMATS = ("auto", "jsonl", "mmsi", "chartqa", "tabmwp", "clevr-math", "geoqa", "m3cot")
-_KNOWN_NAMES = ("geoqa", "m3cot", "chartqa", "tabmwp", "clevr-math", "clevr_math", "shapes-math")
+_KNOWN_NAMES = ("geoqa", "m3cot", "chartqa", "tabmwp", "clevr-math", "clevr_math", "clevr", "shapes-math")
+_NAME_ALIASES = {"clevr": "clevr-math", "clevr_math": "clevr-math"}
+
+# Answer-format instructions that the public MM-Self-Improve files append to the question as its
+# last line (direct-answer QA files, then their CoT counterparts, then LLaVA's CoT cue). Our own
+# prompts add their own instruction, so a loaded question must not carry one already.
+PUBLIC_PROMPT_SUFFIXES = (
+    "Answer the question with a numerical value, Yes/No, or a word or phrase.",
+    "Answer the question using a single numerical value (0-10).",
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "First generate a step-by-step solution, then answer the question with a numerical value, "
+    "Yes/No, or a word or phrase.",
+    "First generate a step-by-step solution, then answer the question using a single numerical value (0-10).",
+    "First generate a step-by-step solution, then answer the question using a single word or phrase.",
+    "First generate a step-by-step solution, then answer with the option's letter from the given "
+    "choices directly.",
+    "Let's think step by step.",
+)
+# Any other "First generate a step-by-step solution, then ..." line is a suffix too.
+_GENERIC_SUFFIX = re.compile(r"first generate a step-by-step solution, then .+", re.IGNORECASE)
+_UNIT = re.compile(r"\s*\(Unit: ([^()]+)\)\s*$")
 
 
 def _read_items(path: Path) -> list[tuple[str, object]]:
@@ -67,11 +93,29 @@ def _read_items(path: Path) -> list[tuple[str, object]]:
 
 
 def _name_from_file(path: Path) -> str | None:
-    name = path.name.lower()
-    for known in _KNOWN_NAMES:
-        if known in name:
-            return known.replace("_", "-")
+    """The dataset a file belongs to, from its name, else from its folder's (the public
+    MM-Self-Improve files are chartqa/sft_qa.json, clevr/qwenvl_sft_gpt.json, ...)."""
+    for part in (path.name, path.parent.name):
+        name = part.lower()
+        for known in _KNOWN_NAMES:
+            if known in name:
+                return _NAME_ALIASES.get(known, known)
     return None
+
+
+def _same_suffix(line: str, suffix: str) -> bool:
+    # The public files write the apostrophe of "option's" as U+2019.
+    return line.strip().replace("\u2019", "'").casefold() == suffix.casefold()
+
+
+def strip_prompt_suffix(text: str) -> tuple[str, str | None]:
+    """Split a known answer-format instruction off the end of a question: (question, suffix)."""
+    lines = text.rstrip().split("\n")
+    last = lines[-1].strip() if lines else ""
+    if len(lines) > 1 and (any(_same_suffix(last, s) for s in PUBLIC_PROMPT_SUFFIXES)
+                           or _GENERIC_SUFFIX.fullmatch(last)):
+        return "\n".join(lines[:-1]).rstrip(), last
+    return text.strip(), None
 
 
 def detect_format(path: str | os.PathLike, items=None) -> str:
@@ -199,18 +243,25 @@ def _mmsi(obj, where, *, root, dataset, stem, index):
     user_text, response = _field(user, ("value",), where), _field(bot, ("value",), where)
     if not isinstance(user_text, str) or not isinstance(response, str):
         raise DataError(f"{where}: conversation values must be strings", "bad value")
-    question, choices = split_choices(user_text.replace("<image>", "").strip())
-    answer, meta = response.strip(), None
+    question, suffix = strip_prompt_suffix(user_text.replace("<image>", "").strip())
+    question, choices = split_choices(question)
+    unit = None
+    match = _UNIT.search(question)
+    if match:   # TabMWP: "... (Unit: students)"; our prompts state the unit themselves
+        question, unit = question[:match.start()].rstrip(), match.group(1).strip()
+    answer, meta = response.strip(), {}
+    if suffix:
+        meta["prompt_suffix"] = suffix
     tail = re.split(r"answer\s*:", response, flags=re.IGNORECASE)
     if len(tail) > 1:  # a CoT target: the answer is the first line after the last "Answer:"
         answer = tail[-1].strip().split("\n")[0].strip()
-        meta = {"rationale": response}
+        meta["rationale"] = response.strip()
     if choices is not None and answer:
         answer = _answer_letter(answer, choices, where)
     image = resolve_image(_field(obj, ("image",), where), root, where=where)
     rid = str(obj.get("id") or f"{stem}-{index}")
     return _record(where, id=rid, image=image, question=question, answer=answer,
-                   dataset=dataset, choices=choices, meta=meta)
+                   dataset=dataset, choices=choices, unit=unit, meta=meta or None)
 
 
 def _chartqa(obj, where, *, root, dataset, stem, index):
@@ -289,3 +340,32 @@ def load_dataset(path: str | os.PathLike, *, fmt: str = "auto", image_root=None,
             return converter(obj, where, root=os.path.abspath(root), dataset=name,
                              stem=path.stem, index=positions[where])
     return collect(items, str(path), strict=strict, check_images=check_images, convert=convert)
+
+
+def load_files(patterns, *, fmt: str = "auto", image_root=None, strict: bool = True,
+               check_images: bool = False, dataset: str | None = None
+               ) -> tuple[list[Record], list[LoadReport]]:
+    """Load several annotation files (paths or glob patterns, each expanded in sorted order),
+    e.g. the public QA + CoT warm-up pair. Records keep file order; an id that an earlier file
+    already used is qualified with its file (``chartqa/sft_qa:sft_qa-3``) so ids stay unique.
+    DataError when a pattern matches no file."""
+    import glob
+
+    records: list[Record] = []
+    reports: list[LoadReport] = []
+    seen: set[str] = set()
+    for pattern in ([patterns] if isinstance(patterns, (str, os.PathLike)) else patterns):
+        pattern = str(pattern)
+        paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not paths:
+            raise DataError(f"{pattern}: no file matches", "missing file")
+        for path in paths:
+            loaded, report = load_dataset(path, fmt=fmt, image_root=image_root, strict=strict,
+                                          check_images=check_images, dataset=dataset)
+            for rec in loaded:
+                if rec.id in seen:
+                    rec = replace(rec, id=f"{Path(path).parent.name}/{Path(path).stem}:{rec.id}")
+                seen.add(rec.id)
+                records.append(rec)
+            reports.append(report)
+    return records, reports

@@ -22,8 +22,8 @@ from r3v_fast.data.records import OPTION_LETTERS
 # chat messages -> the rendered prompt text, bound to one processor (see :func:`renderer`)
 Renderer = Callable[[list[dict]], str]
 
-__all__ = ["COT_INSTRUCTION", "REFINE_INSTRUCTION", "SELECT_INSTRUCTION", "cot_text",
-           "cot_messages", "refine_messages", "select_messages", "render", "render_prefix",
+__all__ = ["COT_INSTRUCTION", "DIRECT_INSTRUCTION", "REFINE_INSTRUCTION", "SELECT_INSTRUCTION", "cot_text",
+           "direct_text", "direct_messages", "cot_messages", "refine_messages", "select_messages", "render", "render_prefix",
            "answer_line", "user_text", "Renderer", "renderer"]
 
 
@@ -36,20 +36,32 @@ COT_INSTRUCTION = ("Think it through step by step, and on the last line write \"
 REFINE_INSTRUCTION = ("The prediction above may contain mistakes. Check every step against the "
                       "image and the question, fix what is wrong, and write the corrected "
                       "solution, ending with the line \"Answer: <answer>\".")
+# The direct-answer prompt of warm-up QA records (no rationale to teach): the same question text,
+# an instruction to reply with the answer line alone.
+DIRECT_INSTRUCTION = "Reply with the final answer only, as \"Answer: <answer>\"."
 SELECT_INSTRUCTION = ("Compare the predictions above with the image and the question, decide "
                       "which one is correct, and reply only with its final answer as "
                       "\"Answer: <answer>\".")
 
 
-def cot_text(record) -> str:
-    """The CoT user text: question, options (if any), unit (if any) and the CoT instruction."""
+def _question_text(record) -> str:
+    """Question, options (if any) and unit (if any): what every prompt of the record starts with."""
     parts = [record.question.strip()]
     if record.choices:
         parts.append("Options:\n" + "\n".join(f"{OPTION_LETTERS[i]}. {c}" for i, c in enumerate(record.choices)))
     if record.unit:
         parts.append(f"Give the answer in {record.unit}.")
-    parts.append(COT_INSTRUCTION)
     return "\n".join(parts)
+
+
+def cot_text(record) -> str:
+    """The CoT user text: question, options (if any), unit (if any) and the CoT instruction."""
+    return f"{_question_text(record)}\n{COT_INSTRUCTION}"
+
+
+def direct_text(record) -> str:
+    """The direct-answer user text: the same question, then :data:`DIRECT_INSTRUCTION`."""
+    return f"{_question_text(record)}\n{DIRECT_INSTRUCTION}"
 
 
 def _user(text: str) -> list[dict]:
@@ -59,6 +71,11 @@ def _user(text: str) -> list[dict]:
 def cot_messages(record) -> list[dict]:
     """Chat messages asking for a step-by-step solution of ``record``."""
     return _user(cot_text(record))
+
+
+def direct_messages(record) -> list[dict]:
+    """Chat messages asking for the final answer at once, without a rationale (warm-up QA)."""
+    return _user(direct_text(record))
 
 
 def refine_messages(record, prediction: str) -> list[dict]:

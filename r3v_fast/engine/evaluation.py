@@ -72,9 +72,13 @@ def score_questions(
     ks: Sequence[int] = (1, 3),
     params: SamplingParams = SamplingParams(),
     select: bool = True,
-    select_max_new_tokens: int = 32,
+    select_max_new_tokens: int | None = None,
 ) -> list[dict]:
-    """Per-question evaluation rows: greedy answer, K_max candidates and select outcomes."""
+    """Per-question evaluation rows: greedy answer, K_max candidates and select outcomes.
+
+    The reply to the select prompt may be as long as ``select_max_new_tokens`` (None: the CoT
+    length, ``params.max_new_tokens``): a model that reasons before its "Answer:" line must not
+    be cut off. Generation stops at the end-of-turn token or any eos the model lists."""
     if not records:
         return []
     cot = [Request(render(prompts.cot_messages(r)), r.image, key=r.id) for r in records]
@@ -86,7 +90,7 @@ def score_questions(
     select_ks = sorted(k for k in set(ks) if k >= 2) if select else []
     greedy, candidates, selects = sample_and_select(
         sampler, cot, SamplingParams(**{**params.__dict__, "k": max(ks)}), select_request, select_ks,
-        SamplingParams(k=1, temperature=0.0, max_new_tokens=select_max_new_tokens))
+        SamplingParams(k=1, temperature=0.0, max_new_tokens=select_max_new_tokens or params.max_new_tokens))
 
     rows = []
     for i, (record, g, cands) in enumerate(zip(records, greedy, candidates)):

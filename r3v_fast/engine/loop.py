@@ -18,6 +18,7 @@ configuration (``cfg.sampling``, ``cfg.tasks``, ``cfg.train``, ...).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,17 +51,18 @@ def load_run_data(options: DataOptions, *, log=print) -> RunData:
     """Training, test and warm-up questions; bad records are skipped and counted (UsageError
     when a file cannot be read at all, or no training record is left). Without ``--data`` the
     embedded shapes-math split is used, generated on first use."""
-    from r3v_fast.data.loaders import load_dataset
+    from r3v_fast.data.loaders import load_files
     from r3v_fast.data.records import DataError
 
-    def load(path, what):
+    def load(paths, what):
         try:
-            records, report = load_dataset(path, fmt=options.data_format, image_root=options.image_root,
-                                           strict=False, check_images=True)
+            records, reports = load_files(paths, fmt=options.data_format, image_root=options.image_root,
+                                          strict=False, check_images=True, dataset=options.dataset)
         except (DataError, OSError) as err:
             raise UsageError(f"cannot load {what} data: {err}")
-        if report.skipped:
-            log(f"{what} data: {report.summary()}")
+        for report in reports:
+            if report.skipped or len(reports) > 1:
+                log(f"{what} data: {report.summary()}")
         return records
 
     if options.data is None:
@@ -70,6 +72,8 @@ def load_run_data(options: DataOptions, *, log=print) -> RunData:
         train, test, warmup = (load(root / f"{name}.jsonl", name) for name in ("train", "test", "warmup"))
         if options.test_data:
             test = load(options.test_data, "test")
+        if options.warmup_data:
+            warmup = load(options.warmup_data, "warmup")
     else:
         train = load(options.data, "train")
         test = load(options.test_data, "test") if options.test_data else []
@@ -101,17 +105,27 @@ def load_processor(model_dir: Path, trust_remote_code: bool = False):
     return AutoProcessor.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
-def warmup_target(record: Record) -> str:
-    """The worked solution a warm-up record teaches: its own rationale when it carries one
-    (``meta["rationale"]``: the distilled CoT of an MM-Self-Improve file, the template solution
-    of a shapes-math warm-up item), else the direct answer line."""
-    worked = (record.meta or {}).get("rationale")
-    return worked if worked else prompts.answer_line(record.answer)
+def warmup_example(record: Record, render) -> Example:
+    """What a warm-up record teaches, decided per record:
+
+    - with a worked solution (``meta["rationale"]``: the distilled CoT of an MM-Self-Improve
+      ``*_sft_gpt.json`` file, the template solution of a shapes-math warm-up item), the CoT
+      prompt with that rationale as target;
+    - without one (direct-answer QA, e.g. ``sft_qa.json``), the direct-answer prompt with the
+      answer line alone as target. Under the CoT prompt an answer-only target would teach the
+      model to skip the reasoning it is asked for.
+    """
+    rationale = (record.meta or {}).get("rationale")
+    if rationale:
+        messages, target = prompts.cot_messages(record), rationale
+    else:
+        messages, target = prompts.direct_messages(record), prompts.answer_line(record.answer)
+    return Example(task="warmup", group=record.id, image=record.image, prompt=render(messages),
+                   target=target, question_id=record.id)
 
 
 def warmup_examples(records: list[Record], render) -> list[Example]:
-    return [Example(task="warmup", group=r.id, image=r.image, prompt=render(prompts.cot_messages(r)),
-                    target=warmup_target(r), question_id=r.id) for r in records]
+    return [warmup_example(r, render) for r in records]
 
 
 # ------------------------------------------------------------------------------ the run
@@ -194,9 +208,23 @@ class Run:
         return build_examples(self.data.train, self.pool.by_question(max_iteration=iteration),
                               render, self.cfg.tasks, warmup, seed=self.cfg.run.seed)
 
+    def sampling_model(self, iteration: int) -> Path:
+        """The weights iteration t samples from: the previous iteration's checkpoint, the
+        warm-up round's at t = 1 when there is one, else the base model."""
+        if iteration > 1 or (iteration == 1 and self.cfg.loop.warmup_round):
+            return self.dir.checkpoint(iteration - 1)
+        return self.model_dir
+
+    def init_model(self, iteration: int) -> Path:
+        """The weights iteration t trains from: the base model (``--init base``, and always for the
+        warm-up round), or the checkpoint iteration t samples from (``--init previous``)."""
+        if iteration == 0 or self.cfg.loop.init == "base":
+            return self.model_dir
+        return self.sampling_model(iteration)
+
     def train(self, iteration: int, examples) -> dict:
         cfg = self.cfg
-        init = self.model_dir if cfg.loop.init == "base" or iteration == 1 else self.dir.checkpoint(iteration - 1)
+        init = self.init_model(iteration)
         # Full fine-tuning keeps fp32 master weights (bf16 autocast does the compute); LoRA
         # trains small adapters on top of weights held in the run's dtype.
         model, processor = load_vlm(init, dtype=torch.float32 if cfg.train.lora_r <= 0 else self.dtype,
@@ -219,11 +247,12 @@ class Run:
         cfg, t0 = self.cfg, time.time()
         ks = cfg.eval.k_list()
         mine = self.data.test[self.acc.process_index::self.acc.num_processes]
-        params = SamplingParams.from_options(
-            cfg.sampling, k=max(ks), max_new_tokens=cfg.eval.eval_max_new_tokens or cfg.sampling.max_new_tokens,
-            seed=cfg.run.seed * 1000 + 500 + iteration)
+        eval_tokens = cfg.eval.eval_max_new_tokens or cfg.sampling.max_new_tokens
+        params = SamplingParams.from_options(cfg.sampling, k=max(ks), max_new_tokens=eval_tokens,
+                                             seed=cfg.run.seed * 1000 + 500 + iteration)
         rows = score_questions(mine, self.sampler(model, processor), prompts.renderer(processor),
-                               ks=ks, params=params)
+                               ks=ks, params=params,
+                               select_max_new_tokens=cfg.eval.select_max_new_tokens or eval_tokens)
         if self.acc.num_processes > 1:
             rows = gather_object(rows)
         if self.acc.is_main_process:
@@ -231,44 +260,71 @@ class Run:
         return {"iteration": iteration, "phase": "eval", **summarize(rows, ks), "seconds": time.time() - t0}
 
     # the loop ---------------------------------------------------------------------------
-    def run(self) -> list[dict]:
+    def train_phase(self, iteration: int) -> None:
+        """Build the mix (the warm-up data alone in the warm-up round), train, save, mark."""
         cfg = self.cfg
-        if cfg.loop.eval_base and not self.done("eval:0"):
-            model, processor = self.load(self.model_dir)
-            self.mark("eval:0", self.evaluate(0, model, processor))
-            self.log(format_row(self.metrics()[-1]))
+        processor = load_processor(self.model_dir, cfg.model.trust_remote_code)
+        if iteration == 0:
+            examples = warmup_examples(self.data.warmup, prompts.renderer(processor))
+            counts = Counter(e.task for e in examples)
+        else:
+            examples, counts = self.build(iteration, processor)
+        self.log(f"iteration {iteration}: {len(examples)} examples {dict(counts)}")
+        if not examples:
+            raise UsageError(f"iteration {iteration}: no training example could be built "
+                             "(no correct sample and no warm-up data)")
+        summary = self.train(iteration, examples)
+        summary["counts"] = {"sft": counts.get("sft", 0), "refine": counts.get("refine", 0),
+                             "select": counts.get("select", 0), "warmup": counts.get("warmup", 0)}
+        self.mark(f"train:{iteration}", summary)
+
+    def eval_phase(self, iteration: int, model_path: Path, t_start: float | None = None) -> None:
+        if self.done(f"eval:{iteration}"):
+            return
+        model, processor = self.load(model_path)
+        result = self.evaluate(iteration, model, processor)
+        if t_start is not None:
+            result["iteration_seconds"] = time.time() - t_start
+        self.mark(f"eval:{iteration}", result)
+        self.log(format_row(result))
+
+    def run(self) -> list[dict]:
+        """Iteration 0 is the model iteration 1 samples from: the base model, or with
+        ``--warmup-round`` the model trained on the warm-up data alone (the base model is then
+        evaluated as iteration -1)."""
+        cfg = self.cfg
+        if cfg.loop.warmup_round and not self.data.warmup:
+            raise UsageError("--warmup-round needs warm-up data (--warmup-data)")
+        if cfg.loop.eval_base:
+            self.eval_phase(-1 if cfg.loop.warmup_round else 0, self.model_dir)
+        if cfg.loop.warmup_round:
+            t_start = time.time()
+            if not self.done("train:0"):
+                self.train_phase(0)
+            self.eval_phase(0, self.dir.checkpoint(0), t_start)
         for t in range(1, cfg.loop.iterations + 1):
             t_start = time.time()
             if not self.done(f"bootstrap:{t}"):
-                model, processor = self.load(self.model_dir if t == 1 else self.dir.checkpoint(t - 1))
+                model, processor = self.load(self.sampling_model(t))
                 self.mark(f"bootstrap:{t}", self.bootstrap(t, model, processor))
                 del model
             if not self.done(f"train:{t}"):
-                processor = load_processor(self.model_dir, cfg.model.trust_remote_code)
-                examples, counts = self.build(t, processor)
-                self.log(f"iteration {t}: {len(examples)} examples {dict(counts)}")
-                if not examples:
-                    raise UsageError(f"iteration {t}: no training example could be built "
-                                     "(no correct sample and no warm-up data)")
-                summary = self.train(t, examples)
-                summary["counts"] = {"sft": counts.get("sft", 0), "refine": counts.get("refine", 0),
-                                     "select": counts.get("select", 0), "warmup": counts.get("warmup", 0)}
-                self.mark(f"train:{t}", summary)
-            if not self.done(f"eval:{t}"):
-                model, processor = self.load(self.dir.checkpoint(t))
-                result = self.evaluate(t, model, processor)
-                result["iteration_seconds"] = time.time() - t_start
-                self.mark(f"eval:{t}", result)
-                self.log(format_row(result))
+                self.train_phase(t)
+            self.eval_phase(t, self.dir.checkpoint(t), t_start)
         if self.acc.is_main_process:
             write_plot(self.metrics(), self.dir.plot_path)
         return self.metrics()
 
 
 # ------------------------------------------------------------------------------ reporting
+def iteration_label(iteration: int) -> str:
+    """-1 is the base model evaluated before a warm-up round."""
+    return "base" if iteration < 0 else str(iteration)
+
+
 def format_row(m: dict) -> str:
     keys = [k for k in m if "@" in k and (k == "pass@1" or not k.endswith("@1"))]
-    return f"iteration {m['iteration']}: " + "  ".join(f"{k} {m[k]:.1f}" for k in keys)
+    return f"iteration {iteration_label(m['iteration'])}: " + "  ".join(f"{k} {m[k]:.1f}" for k in keys)
 
 
 def results_table(metrics: list[dict]) -> str:
@@ -287,7 +343,7 @@ def results_table(metrics: list[dict]) -> str:
         e, tr, b = evals[it], trains.get(it, {}), boots.get(it, {})
         counts = tr.get("counts", {})
         seconds = e.get("iteration_seconds", e.get("seconds", 0.0))
-        cells = [str(it), *(f"{e[k]:.1f}" for k in acc_keys),
+        cells = [iteration_label(it), *(f"{e[k]:.1f}" for k in acc_keys),
                  f"{b['pool_accuracy']:.1f}" if b else "-",
                  *(str(counts.get(t, "-")) for t in ("sft", "refine", "select", "warmup")), f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -309,9 +365,9 @@ def write_plot(metrics: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
     for key in [k for k in evals[0] if "@" in k and not k.startswith("oracle")]:
         ax.plot([m["iteration"] for m in evals], [m[key] for m in evals], marker="o", label=key)
-    ax.set_xlabel("iteration (0 = starting model)")
+    ax.set_xlabel("iteration (0 = the model iteration 1 samples from)")
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_xticks([m["iteration"] for m in evals])
+    ax.set_xticks([m["iteration"] for m in evals], [iteration_label(m["iteration"]) for m in evals])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from r3v_fast.config import SamplingOptions
 from r3v_fast.data.records import load_image
-from r3v_fast.model.loading import end_of_turn_id, pad_id
+from r3v_fast.model.loading import pad_id, stop_token_ids
 
 
 _OPTIONS = SamplingOptions()   # the defaults of every sampling setting (r3v_fast.config)
@@ -90,7 +90,7 @@ class HFSampler:
         self.processor = processor
         self.batch_size = batch_size
         self.show_progress = show_progress
-        self.stop_ids = sorted({end_of_turn_id(processor), processor.tokenizer.eos_token_id} - {None})
+        self.stop_ids = stop_token_ids(model, processor)
 
     @torch.no_grad()
     def sample(self, requests: Sequence[Request], params: SamplingParams, *,

@@ -61,7 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r3v_fast.engine.sampler import Request, SamplingParams, load_images
-from r3v_fast.model.loading import end_of_turn_id, lm_head_and_backbone, pad_id, unwrap_peft
+from r3v_fast.model.loading import lm_head_and_backbone, pad_id, stop_token_ids, unwrap_peft
 from r3v_fast.model.prefix_cache import SharedPrefixCache, prefix_attention_enabled
 
 __all__ = ["SharedPrefixSampler", "BranchOutput"]
@@ -113,7 +113,7 @@ class SharedPrefixSampler:
         self.sync_every = sync_every
         self.backend = backend
         self.cuda_graphs = cuda_graphs
-        self.stop_ids = sorted({end_of_turn_id(processor), processor.tokenizer.eos_token_id} - {None})
+        self.stop_ids = stop_token_ids(model, processor)
         self.pad_id = pad_id(processor)
         self.lm_head, self.backbone = lm_head_and_backbone(model)
         base = unwrap_peft(model)

@@ -9,7 +9,11 @@ The public R³V rules (docs/architecture.md, "The algorithm"), applied per quest
 - Self-select (mixed questions only): N candidates in shuffled order; "N-1 pos + 1 neg" when
   there are at least N-1 correct samples and "1 pos + N-1 neg" when there are at least N-1
   wrong ones (for N = 3 these are the public "2 pos + 1 neg" and "1 pos + 2 neg"), so up to two
-  per question. The target is the answer line only, not a rationale.
+  per question. The target is the answer line only, not a rationale: ``Answer: <gold answer>``.
+  The public code copies the positive candidate's own extracted answer instead; both are judged
+  right, but they differ in spelling ("12" vs "12.0", "B" vs "(B)", an option's text vs its
+  letter). The gold answer teaches one canonical spelling per question, the dataset's own, and
+  cannot inherit an extraction slip of the judge; that is the choice here.
 - Warm-up data (direct-answer QA and worked CoT) is kept in every mix when asked.
 
 "Newest" means latest iteration, then latest sample index within it. Within each select

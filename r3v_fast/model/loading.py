@@ -202,6 +202,16 @@ def end_of_turn_id(processor) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def stop_token_ids(model, processor) -> list[int]:
+    """Tokens that end a generated reply: the end-of-turn token, the tokenizer's eos, and every
+    eos listed in the model's ``generation_config`` (an int or a list there)."""
+    ids = {end_of_turn_id(processor), tokenizer_of(processor).eos_token_id}
+    config = getattr(unwrap_peft(model), "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    ids.update(listed if isinstance(listed, (list, tuple)) else [listed])
+    return sorted(int(i) for i in ids if i is not None)
+
+
 def pad_id(processor) -> int:
     """The padding token id: the tokenizer's pad token, else its eos token."""
     tokenizer = tokenizer_of(processor)

@@ -197,3 +197,34 @@ def test_canonical_answer_keeps_the_verdict(text, dataset, gold):
         assert not verdict
     else:
         assert is_correct(dataset, f"Answer: {key}", gold, choices=choices, unit="$") == verdict
+
+
+@pytest.mark.parametrize("output, gold", [
+    ("Answer: \u22123", "-3"),                       # U+2212, the minus sign
+    ("Answer: $\\frac{3}{4}$", "3/4"),
+    ("Answer: $\\frac{3}{4}$", "0.75"),
+    ("Answer: \\dfrac{3}{4}", "3/4"),
+    ("Answer: $\\tfrac{1}{3}$", "1/3"),
+    ("Answer: $-\\frac{3}{2}$", "-3/2"),
+    ("Answer: $\\frac{-3}{2}$", "-1.5"),
+    ("Answer: \\(\\frac{16}{95}\\)", "16/95"),
+    ("Answer: 5 \\text{ students}", "5"),
+    ("Answer: \\$1,200", "1200"),
+    ("Answer: $\u2212\\frac{1}{4}$", "-0.25"),
+])
+def test_tabmwp_reads_latex_and_the_minus_sign(output, gold):
+    assert is_correct("tabmwp", output, gold, unit="students")
+
+
+@pytest.mark.parametrize("output, gold", [
+    ("Answer: $\\frac{3}{5}$", "3/4"),
+    ("Answer: \u22123", "3"),
+    ("Answer: \\frac{3}", "3"),                     # not a fraction: no credit
+])
+def test_tabmwp_latex_does_not_give_free_credit(output, gold):
+    assert not is_correct("tabmwp", output, gold)
+
+
+def test_minus_sign_in_other_datasets():
+    assert is_correct("chartqa", "Answer: \u221212.0", "-12")
+    assert is_correct("clevr-math", "Answer: \u22121", "-1")

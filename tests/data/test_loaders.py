@@ -123,8 +123,9 @@ def test_multiple_choice(tmp_path, png, name):
         ("q1", "Find x.", ("1", "2", "3", "4"), "C", name),
         ("5", "Find y.", ("dog", "cat"), "B", name),
         (f"{name}_test-2", "A farm.\nWhich animal?", ("cow", "hen"), "B", name)]
-    # a multiple-choice file whose name says neither dataset needs fmt=
-    unnamed = _dump_lines(tmp_path / "mc.jsonl", items)
+    # a multiple-choice file whose name (and folder name) says neither dataset needs fmt=
+    (tmp_path / "plain").mkdir()
+    unnamed = _dump_lines(tmp_path / "plain" / "mc.jsonl", items)
     with pytest.raises(DataError, match="pass fmt="):
         load_dataset(unnamed)
     assert load_dataset(unnamed, fmt=name)[0][0].answer == "C"
@@ -225,3 +226,63 @@ def test_whole_file_errors(tmp_path):
     listed = _dump(tmp_path / "problems_x.json", [{"question": "q"}])
     with pytest.raises(DataError, match="keyed by problem id"):
         load_dataset(listed, fmt="tabmwp")
+
+
+# -- the public MM-Self-Improve files ---------------------------------------------------------
+def test_public_qa_and_cot_files_lose_their_suffix_and_keep_their_kind(public_chartqa):
+    from r3v_fast.data.loaders import PUBLIC_PROMPT_SUFFIXES, load_files
+
+    root, qa_file, cot_file = public_chartqa
+    records, reports = load_files([str(root / "chartqa" / "*.json")], image_root=root / "images",
+                                  check_images=True)
+    assert [r.n_loaded for r in reports] == [3, 6]             # qwenvl_sft_gpt.json, then sft_qa.json
+    assert len(records) == 9 and len({r.id for r in records}) == 9
+    assert {r.dataset for r in records} == {"chartqa"}          # from the folder name
+    for r in records:
+        assert r.question == "How many bars does the chart show?"   # no answer-format instruction left
+        assert r.meta["prompt_suffix"].replace("\u2019", "'") in PUBLIC_PROMPT_SUFFIXES
+    cot = [r for r in records if "rationale" in r.meta]
+    assert len(cot) == 3 and all(r.meta["rationale"].startswith("Solution:") for r in cot)
+    assert all(r.answer == r.meta["rationale"].split("\n")[-1] for r in cot)
+    with pytest.raises(DataError, match="no file matches"):
+        load_files([str(root / "chartqa" / "nothing*.json")])
+
+
+def test_public_tabmwp_options_after_the_suffix_and_the_unit(tmp_path, png):
+    png(tmp_path / "38064.png")
+    png(tmp_path / "19903.png")
+    items = [
+        {"image": "38064.png", "conversations": [
+            {"from": "user", "value": "Look at the table. Then answer the question. At a price of $1,735, is there "
+                                      "a shortage or a surplus?\nOptions:\n(A) shortage\n(B) surplus\nFirst generate "
+                                      "a step-by-step solution, then answer with the option\u2019s letter from the "
+                                      "given choices directly."},
+            {"from": "assistant", "value": "Solution:\n1. Supply exceeds demand.\nAnswer: B"}]},
+        {"image": "19903.png", "conversations": [
+            {"from": "user", "value": "How many students scored exactly 41 points? (Unit: students)\nFirst generate a "
+                                      "step-by-step solution, then answer the question using a single word or phrase."},
+            {"from": "assistant", "value": "Solution:\n1. Three rows show 41.\nAnswer: 3"}]},
+        {"image": "19903.png", "conversations": [
+            {"from": "user", "value": "Which is larger?\nOptions:\n(A) 4\n(B) 7\nLet's think step by step."},
+            {"from": "assistant", "value": "7 > 4.\nAnswer: B"}]},
+    ]
+    path = tmp_path / "tabmwp" / "qwenvl_sft_gpt.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(items))
+    records, report = load_dataset(path, image_root=tmp_path, check_images=True)
+    assert report.n_loaded == 3 and {r.dataset for r in records} == {"tabmwp"}
+    mc, free, llava = records
+    assert mc.choices == ("shortage", "surplus") and mc.answer == "B"
+    assert mc.question.endswith("is there a shortage or a surplus?")
+    assert free.unit == "students" and free.question == "How many students scored exactly 41 points?"
+    assert llava.choices == ("4", "7") and llava.meta["prompt_suffix"] == "Let's think step by step."
+
+
+def test_strip_prompt_suffix_leaves_other_last_lines_alone():
+    from r3v_fast.data.loaders import strip_prompt_suffix
+
+    assert strip_prompt_suffix("Q?\nAnswer the question using a single numerical value (0-10).") == (
+        "Q?", "Answer the question using a single numerical value (0-10).")
+    assert strip_prompt_suffix("Q?\nFirst generate a step-by-step solution, then answer briefly.")[1] is not None
+    assert strip_prompt_suffix("Q?\nA. x\nB. y") == ("Q?\nA. x\nB. y", None)
+    assert strip_prompt_suffix("Let's think step by step.") == ("Let's think step by step.", None)
