@@ -81,14 +81,17 @@ class ModelOptions:
 @dataclass(frozen=True)
 class DataOptions:
     title: ClassVar[str] = "data"
-    data: str | None = option(None, "training questions; none = the embedded shapes-math split")
-    test_data: str | None = option(None, "held-out questions for evaluation")
+    data: tuple[str, ...] = option((), "training question files or glob patterns; none = the embedded "
+                                       "shapes-math split")
+    test_data: tuple[str, ...] = option((), "held-out question files or glob patterns for evaluation")
     warmup_data: tuple[str, ...] = option((), "warm-up files or glob patterns, kept in every training mix "
                                                "(direct-answer QA and worked CoT, e.g. sft_qa.json *_sft_gpt.json)")
     data_format: Literal[FORMATS] = option("auto", "format of the data files; auto detects it per file")
     dataset: str | None = option(None, "judge for every data file (chartqa, tabmwp, clevr-math, geoqa, m3cot, "
                                        "...); none = from the file's or its folder's name")
     image_root: str | None = option(None, "folder that image paths are relative to; none = the format's default")
+    warmup_image_root: str | None = option(None, "folder the warm-up files' image paths are relative to; "
+                                                 "none = --image-root")
     shapes_train: int = option(600, "questions in the embedded shapes-math train split (no --data)")
     shapes_test: int = option(200, "questions in the embedded shapes-math test split (no --test-data)")
     max_train_questions: int | None = option(None, "use at most this many training questions; none = all")

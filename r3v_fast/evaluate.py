@@ -25,9 +25,9 @@ from r3v_fast.config import (DataOptions, EvalOptions, ModelOptions, RunConfig, 
 
 # The run-configuration settings that evaluation reads.
 EVAL_FIELDS = ("model", "trust_remote_code", "bf16",
-               "test_data", "data_format", "image_root", "shapes_test", "max_test_questions",
+               "test_data", "data_format", "dataset", "image_root", "shapes_test", "max_test_questions",
                "sampler", "temperature", "top_p", "top_k", "max_new_tokens", "sample_batch_size",
-               "eval_ks", "eval_max_new_tokens", "seed", "progress")
+               "eval_ks", "eval_max_new_tokens", "select_max_new_tokens", "seed", "progress")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from r3v_fast.data import prompts
-    from r3v_fast.data.loaders import load_dataset
+    from r3v_fast.data.loaders import load_files
     from r3v_fast.data.records import DataError
     from r3v_fast.engine.evaluation import score_questions, summarize
     from r3v_fast.engine.loop import make_sampler
@@ -79,20 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         ks = cfg.eval.k_list()
         model_dir = Path(cfg.model.model) if cfg.model.model else default_model_dir()
         check_model_dir(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-        if cfg.data.test_data is None:
+        if not cfg.data.test_data:
             from r3v_fast.data.shapes import default_dataset
 
-            data_path, fmt = default_dataset(n_test=cfg.data.shapes_test) / "test.jsonl", "jsonl"
+            paths, fmt = [default_dataset(n_test=cfg.data.shapes_test) / "test.jsonl"], "jsonl"
         else:
-            data_path, fmt = Path(cfg.data.test_data), cfg.data.data_format
-        test, report = load_dataset(data_path, fmt=fmt, image_root=cfg.data.image_root, strict=False,
-                                    check_images=True)
-        if report.skipped:
-            print(f"test data: {report.summary()}", file=sys.stderr)
+            paths, fmt = cfg.data.test_data, cfg.data.data_format
+        test, reports = load_files(paths, fmt=fmt, image_root=cfg.data.image_root, strict=False,
+                                   check_images=True, dataset=cfg.data.dataset)
+        for report in reports:
+            if report.skipped:
+                print(f"test data: {report.summary()}", file=sys.stderr)
         if cfg.data.max_test_questions is not None:
             test = test[: cfg.data.max_test_questions]
         if not test:
-            raise UsageError(f"{data_path}: the test data yields zero usable records")
+            raise UsageError(f"{', '.join(map(str, paths))}: the test data yields zero usable records")
     except (UsageError, ModelLoadError, DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.sampling, k=max(ks), max_new_tokens=cfg.eval.eval_max_new_tokens or cfg.sampling.max_new_tokens,
         seed=cfg.run.seed)
     rows = score_questions(test, sampler, prompts.renderer(processor), ks=ks, params=params,
-                           select=options.select)
+                           select=options.select,
+                           select_max_new_tokens=cfg.eval.select_max_new_tokens or params.max_new_tokens)
     metrics = summarize(rows, ks, select=options.select)
     if options.out:
         atomic_write_text(Path(options.out), "".join(json.dumps(r) + "\n" for r in rows))

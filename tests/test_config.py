@@ -20,6 +20,8 @@ def parse(argv):
 def _other_value(name, kind, default):
     """A value different from ``default`` that the flag accepts, as (command-line text, value)."""
     base, _ = config._unwrap_optional(kind)
+    if typing.get_origin(base) is tuple:
+        return "a.json", ("a.json",)
     if typing.get_origin(base) is typing.Literal:
         value = next(c for c in typing.get_args(base) if c != default)
         return str(value), value
@@ -87,6 +89,7 @@ def test_precedence_preset_file_flags(tmp_path):
     assert parse(["--resume"]).run.resume is True and parse(["--resume", "no"]).run.resume is False
     assert parse(["--no-progress"]).run.progress is False
     assert parse(["--max-train-questions", "none"]).data.max_train_questions is None
+    assert parse(["--warmup-data", "qa.json", "cot*.json"]).data.warmup_data == ("qa.json", "cot*.json")
     assert RunConfig.from_json(cfg.to_json()) == cfg
 
 

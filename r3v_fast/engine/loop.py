@@ -54,9 +54,9 @@ def load_run_data(options: DataOptions, *, log=print) -> RunData:
     from r3v_fast.data.loaders import load_files
     from r3v_fast.data.records import DataError
 
-    def load(paths, what):
+    def load(paths, what, image_root=options.image_root):
         try:
-            records, reports = load_files(paths, fmt=options.data_format, image_root=options.image_root,
+            records, reports = load_files(paths, fmt=options.data_format, image_root=image_root,
                                           strict=False, check_images=True, dataset=options.dataset)
         except (DataError, OSError) as err:
             raise UsageError(f"cannot load {what} data: {err}")
@@ -65,19 +65,20 @@ def load_run_data(options: DataOptions, *, log=print) -> RunData:
                 log(f"{what} data: {report.summary()}")
         return records
 
-    if options.data is None:
+    warmup_root = options.warmup_image_root or options.image_root
+    if not options.data:
         from r3v_fast.data.shapes import default_dataset
 
         root = default_dataset(n_train=options.shapes_train, n_test=options.shapes_test)
-        train, test, warmup = (load(root / f"{name}.jsonl", name) for name in ("train", "test", "warmup"))
+        train, test, warmup = (load(root / f"{name}.jsonl", name, None) for name in ("train", "test", "warmup"))
         if options.test_data:
             test = load(options.test_data, "test")
         if options.warmup_data:
-            warmup = load(options.warmup_data, "warmup")
+            warmup = load(options.warmup_data, "warmup", warmup_root)
     else:
         train = load(options.data, "train")
         test = load(options.test_data, "test") if options.test_data else []
-        warmup = load(options.warmup_data, "warmup") if options.warmup_data else []
+        warmup = load(options.warmup_data, "warmup", warmup_root) if options.warmup_data else []
     if options.max_train_questions is not None:
         train = train[: options.max_train_questions]
     if options.max_test_questions is not None:

@@ -65,6 +65,26 @@ def test_metrics_by_hand():
     assert [c[0] for c in sampler.calls] == ["eval greedy", "eval sample K=3", "eval select@3"]
 
 
+def test_select_reply_gets_the_evaluation_length_unless_told_otherwise():
+    records = [rec("a", "3")]
+    sampler = ScriptedSampler(TABLE)
+    sampler.sample = _recording(sampler)
+    score_questions(records, sampler, render, ks=(1, 3), params=SamplingParams(k=3, max_new_tokens=40))
+    assert sampler.lengths["eval select@3"] == 40            # not cut short: as long as a CoT reply
+    score_questions(records, sampler, render, ks=(1, 3), params=SamplingParams(k=3, max_new_tokens=40),
+                    select_max_new_tokens=512)
+    assert sampler.lengths["eval select@3"] == 512
+
+
+def _recording(sampler):
+    real, sampler.lengths = sampler.sample, {}
+
+    def sample(requests, params, *, desc=None):
+        sampler.lengths[desc] = params.max_new_tokens
+        return real(requests, params, desc=desc)
+    return sample
+
+
 def test_majority_vote_ignores_unparseable_and_breaks_ties_by_first_seen():
     assert majority_answer([None, "2", "3", "3"]) == "3"
     assert majority_answer(["5", "4"]) == "5"

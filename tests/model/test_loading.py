@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from r3v_fast.model.loading import (ModelLoadError, check_model_dir, end_of_turn_id,
-                                    lm_head_and_backbone, load_vlm, pad_id)
+                                    lm_head_and_backbone, load_vlm, pad_id, stop_token_ids)
 
 
 # peft 0.21 calls a transformers 5 method that is deprecated (not our code).
@@ -154,6 +154,19 @@ def test_end_of_turn_and_pad_ids(tiny_qwen2vl_dir, tiny_llava_dir):
     assert end_of_turn_id(tokenizer) == 2
     tokenizer.pad_token = None
     assert pad_id(tokenizer) == tokenizer.eos_token_id == 2
+
+
+def test_stop_tokens_include_every_eos_of_the_generation_config(tiny_qwen2vl_dir, tiny_llava_dir):
+    model, qwen = load_vlm(tiny_qwen2vl_dir)
+    # <|im_end|> (end of turn and tokenizer eos) and <|endoftext|>, listed in generation_config
+    assert model.generation_config.eos_token_id == [2, 0]
+    assert stop_token_ids(model, qwen) == [0, 2]
+    model.generation_config.eos_token_id = 7                 # an int there is read too
+    assert stop_token_ids(model, qwen) == [2, 7]
+    model.generation_config.eos_token_id = None
+    assert stop_token_ids(model, qwen) == [2]
+    llava_model, llava = load_vlm(tiny_llava_dir)
+    assert stop_token_ids(llava_model, llava) == [2]
 
 
 # ---- lm_head_and_backbone ----------------------------------------------------------------
