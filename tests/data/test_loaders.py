@@ -286,3 +286,26 @@ def test_strip_prompt_suffix_leaves_other_last_lines_alone():
     assert strip_prompt_suffix("Q?\nFirst generate a step-by-step solution, then answer briefly.")[1] is not None
     assert strip_prompt_suffix("Q?\nA. x\nB. y") == ("Q?\nA. x\nB. y", None)
     assert strip_prompt_suffix("Let's think step by step.") == ("Let's think step by step.", None)
+
+
+def test_public_clevr_files(tmp_path, png):
+    png(tmp_path / "images" / "CLEVR_train_006841.png")
+    qa = [{"image": "CLEVR_train_006841.png", "conversations": [
+        {"from": "user", "value": "Add 1 matte cubes. How many matte cubes exist?\n"
+                                  "Answer the question using a single numerical value (0-10)."},
+        {"from": "assistant", "value": "3"}]}]
+    cot = [{"image": "CLEVR_train_006841.png", "conversations": [
+        {"from": "user", "value": "Subtract all blocks. How many objects are left?\nLet's think step by step."},
+        {"from": "assistant", "value": "1. There are 8 objects in total.\n2. One block.\n3. 8 - 1 = 7.\nAnswer:\n7"}]}]
+    _dump(tmp_path / "clevr" / "sft_qa.json", qa)
+    _dump(tmp_path / "clevr" / "llava_sft_gpt.json", cot)
+    from r3v_fast.data.loaders import load_files
+
+    records, reports = load_files([str(tmp_path / "clevr" / "sft_qa.json"), str(tmp_path / "clevr" / "llava*.json")],
+                                  image_root=tmp_path / "images", check_images=True)
+    assert [r.n_loaded for r in reports] == [1, 1]
+    direct, worked = records
+    assert (direct.dataset, direct.question, direct.answer) == ("clevr-math", "Add 1 matte cubes. How many matte "
+                                                                "cubes exist?", "3")
+    assert "rationale" not in direct.meta and worked.meta["rationale"].endswith("Answer:\n7")
+    assert (worked.answer, worked.question) == ("7", "Subtract all blocks. How many objects are left?")
