@@ -165,6 +165,9 @@ class TrainOptions:
     max_length: int = option(2048, "longest example in tokens; longer ones are dropped and counted")
     packing: Literal["tree", "none"] = option(
         "tree", "tree: one token trie per question shares its image + question prefix; none: padded rows")
+    loss: Literal["fused", "naive"] = option(
+        "fused", "fused: LM head, log-softmax and target gather in one op, logits never stored; "
+                 "naive: full logits (the baseline)")
     loss_mix: Literal["official", "per-task"] = option(
         "official", "official: token mean over all targets; per-task: weighted sum of per-task token means")
     weight_sft: float = option(1.0, "per-task loss weight of SFT examples")

@@ -26,7 +26,19 @@ from r3v_fast.model.loading import lm_head_and_backbone, pad_id, unwrap_peft
 from r3v_fast.model.tree_attention import ATTENTION_NAME, enable_tree_attention
 from r3v_fast.ops import segment_logprob
 
-__all__ = ["TargetLogprobs", "sequence_logprobs"]
+__all__ = ["TargetLogprobs", "sequence_logprobs", "LOSSES"]
+
+LOSSES = ("fused", "naive")
+
+
+def naive_segment_logprob(hidden: torch.Tensor, lm_head: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """The baseline the fused op replaces, as a plain causal-LM trainer computes it: logits for
+    every position through ``lm_head``, upcast to fp32, log-softmax, then the target gather and
+    the per-example sums. [n_ex] float32. Holds [B, T, V] logits (and their fp32 copy)."""
+    logits = lm_head(hidden).float()                                              # [B, T, V]
+    logp = logits.log_softmax(-1).reshape(-1, logits.shape[-1])                   # [B*T, V]
+    per_token = logp[batch.pred_index, batch.target_ids]                          # [N]
+    return per_token.new_zeros(batch.n_examples).index_add(0, batch.segment_ids, per_token)  # [n_ex]
 
 
 class TargetLogprobs(torch.nn.Module):
@@ -34,11 +46,16 @@ class TargetLogprobs(torch.nn.Module):
 
     Wraps an HF VLM (or its peft wrapper) as ``self.model``. The language model's attention is
     switched to "r3v_tree" (plain SDPA unless a batch carries tree metadata; see
-    r3v_fast.model.tree_attention), once, here.
+    r3v_fast.model.tree_attention), once, here. ``loss`` "fused" (the default) reduces with the
+    fused op and never stores logits; "naive" is the full-logits baseline
+    (:func:`naive_segment_logprob`), kept for equivalence tests and benchmarks.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, loss: str = "fused"):
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r} (use one of {LOSSES})")
+        self.loss = loss
         self.model = model
         enable_tree_attention(model)
         lm_head_and_backbone(model)   # fail early on a model without the expected structure
@@ -52,6 +69,8 @@ class TargetLogprobs(torch.nn.Module):
         if batch.tree is not None and self._text_config._attn_implementation != ATTENTION_NAME:
             enable_tree_attention(self.model)   # switched away meanwhile (e.g. by a sampler)
         hidden = backbone(**batch.model_inputs())                           # [B, T, D]
+        if self.loss == "naive":
+            return naive_segment_logprob(hidden, lm_head, batch), batch.n_target_tokens
         states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)  # [N, D]
         logp = segment_logprob(states, lm_head.weight, batch.target_ids, batch.segment_ids,
                                batch.n_examples, bias=getattr(lm_head, "bias", None))  # [n_ex]

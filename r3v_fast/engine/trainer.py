@@ -204,7 +204,7 @@ class Trainer:
         kept = [examples[t.index] for t in tokenized]
         steps = plan_steps(kept, opts.batch_size, opts.epochs, self.seed)
 
-        wrapper = TargetLogprobs(self.model)
+        wrapper = TargetLogprobs(self.model, loss=opts.loss)
         params = [p for p in wrapper.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
         scheduler = lr_schedule(optimizer, opts.lr_scheduler, opts.warmup_steps, len(steps))

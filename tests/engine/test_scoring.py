@@ -130,6 +130,32 @@ def test_gradients_equal_separate_forwards(setup):
     assert checked > 10   # vision tower, projector, decoder and head all receive gradients
 
 
+@pytest.mark.parametrize("packing", ["tree", "none"])
+def test_naive_loss_equals_fused_values_and_gradients(setup, packing):
+    """The full-logits baseline (--loss naive) and the fused op agree on the tiny models, in the
+    per-example log-likelihoods and in every parameter's gradient."""
+    kind, model, reference_model, processor, examples = setup
+    tokenized, _ = tokenize_examples(processor, examples, max_length=10_000)
+    results = {}
+    for loss in ("fused", "naive"):
+        wrapper = TargetLogprobs(model, loss=loss)
+        model.zero_grad()
+        values = []
+        for batch in pack(tokenized, mode=packing, max_tokens=10_000):
+            logp, _ = wrapper(batch)
+            (logp * torch.linspace(0.5, 1.5, len(logp))).sum().backward()   # unequal example weights
+            values.append(logp.detach())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[loss] = torch.cat(values), grads
+    (fused, fused_grads), (naive, naive_grads) = results["fused"], results["naive"]
+    torch.testing.assert_close(fused, naive, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == naive_grads.keys() and len(fused_grads) > 10
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], naive_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="unknown loss"):
+        TargetLogprobs(model, loss="chunked")
+
+
 def test_edge_cases(setup):
     """One example per trie; identical examples; an example that is a prefix of another; tries
     that fill a row exactly."""
