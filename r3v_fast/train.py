@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from r3v_fast.engine.loop import Run, load_run_data, results_table
+    from r3v_fast.engine.loop import Run, load_run_data
+    from r3v_fast.engine.report import results_table
     from r3v_fast.engine.rundir import RunDir
     from r3v_fast.model.loading import ModelLoadError, check_model_dir
     from r3v_fast.model.tiny import default_model_dir

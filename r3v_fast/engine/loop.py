@@ -30,14 +30,14 @@ from r3v_fast.data.records import Record
 from r3v_fast.engine.evaluation import is_right, score_questions, summarize
 from r3v_fast.engine.examples import Example
 from r3v_fast.engine.pool import Pool, Sample, chunk_ranges
+from r3v_fast.engine.report import format_row, write_plot
 from r3v_fast.engine.rundir import RunDir
 from r3v_fast.engine.sampler import HFSampler, Request, SamplingParams
 from r3v_fast.engine.tasks import build_examples
 from r3v_fast.engine.trainer import Trainer, apply_lora
 from r3v_fast.model.loading import load_vlm
 
-__all__ = ["RunData", "load_run_data", "make_sampler", "warmup_examples", "Run", "format_row",
-           "results_table", "write_plot"]
+__all__ = ["RunData", "load_run_data", "make_sampler", "warmup_examples", "Run"]
 
 
 @dataclass
@@ -247,7 +247,9 @@ class Run:
 
         cfg, t0 = self.cfg, time.time()
         ks = cfg.eval.k_list()
-        mine = self.data.test[self.acc.process_index::self.acc.num_processes]
+        # Questions are dealt to ranks round-robin; the rows go back into question order below.
+        order = list(range(len(self.data.test)))[self.acc.process_index::self.acc.num_processes]
+        mine = [self.data.test[i] for i in order]
         eval_tokens = cfg.eval.eval_max_new_tokens or cfg.sampling.max_new_tokens
         params = SamplingParams.from_options(cfg.sampling, k=max(ks), max_new_tokens=eval_tokens,
                                              seed=cfg.run.seed * 1000 + 500 + iteration)
@@ -255,7 +257,8 @@ class Run:
                                ks=ks, params=params,
                                select_max_new_tokens=cfg.eval.select_max_new_tokens or eval_tokens)
         if self.acc.num_processes > 1:
-            rows = gather_object(rows)
+            ranked = sorted(gather_object(list(zip(order, rows))), key=lambda pair: pair[0])
+            rows = [row for _, row in ranked]
         if self.acc.is_main_process:
             self.dir.write_eval_rows(iteration, rows)
         return {"iteration": iteration, "phase": "eval", **summarize(rows, ks), "seconds": time.time() - t0}
@@ -313,65 +316,5 @@ class Run:
                 self.train_phase(t)
             self.eval_phase(t, self.dir.checkpoint(t), t_start)
         if self.acc.is_main_process:
-            write_plot(self.metrics(), self.dir.plot_path)
+            write_plot(self.metrics(), self.dir.plot_path, title=self.dir.path.name)
         return self.metrics()
-
-
-# ------------------------------------------------------------------------------ reporting
-def iteration_label(iteration: int) -> str:
-    """-1 is the base model evaluated before a warm-up round."""
-    return "base" if iteration < 0 else str(iteration)
-
-
-def format_row(m: dict) -> str:
-    keys = [k for k in m if "@" in k and (k == "pass@1" or not k.endswith("@1"))]
-    return f"iteration {iteration_label(m['iteration'])}: " + "  ".join(f"{k} {m[k]:.1f}" for k in keys)
-
-
-def results_table(metrics: list[dict]) -> str:
-    """The final printed table: one row per iteration (evaluation plus the example counts)."""
-    evals = {m["iteration"]: m for m in metrics if m["phase"] == "eval"}
-    trains = {m["iteration"]: m for m in metrics if m["phase"] == "train"}
-    boots = {m["iteration"]: m for m in metrics if m["phase"] == "bootstrap"}
-    if not evals:
-        return "(no evaluation yet)"
-    # maj@1, oracle@1 and select@1 all equal the first sample's accuracy: the table leaves them
-    # out (metrics.jsonl keeps them).
-    acc_keys = [k for k in next(iter(evals.values())) if "@" in k and (k == "pass@1" or not k.endswith("@1"))]
-    header = ["iter", *acc_keys, "pool acc", "SFT", "REF", "SEL", "warm", "time (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for it in sorted(evals):
-        e, tr, b = evals[it], trains.get(it, {}), boots.get(it, {})
-        counts = tr.get("counts", {})
-        seconds = e.get("iteration_seconds", e.get("seconds", 0.0))
-        cells = [iteration_label(it), *(f"{e[k]:.1f}" for k in acc_keys),
-                 f"{b['pool_accuracy']:.1f}" if b else "-",
-                 *(str(counts.get(t, "-")) for t in ("sft", "refine", "select", "warmup")), f"{seconds:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_plot(metrics: list[dict], path: Path) -> bool:
-    """Accuracy per iteration as a PNG; skipped (returns False) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    evals = sorted((m for m in metrics if m["phase"] == "eval"), key=lambda m: m["iteration"])
-    if not evals:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
-    for key in [k for k in evals[0] if "@" in k and not k.startswith("oracle")]:
-        ax.plot([m["iteration"] for m in evals], [m[key] for m in evals], marker="o", label=key)
-    ax.set_xlabel("iteration (0 = the model iteration 1 samples from)")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_xticks([m["iteration"] for m in evals], [iteration_label(m["iteration"]) for m in evals])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True

@@ -10,6 +10,7 @@ from r3v_fast.data import prompts
 from r3v_fast.data.loaders import load_files
 from r3v_fast.engine import loop
 from r3v_fast.engine.loop import warmup_example, warmup_examples
+from r3v_fast.engine.report import results_table
 
 
 def render(messages):
@@ -86,7 +87,7 @@ def test_warmup_round_trains_on_warmup_only_then_iteration_1_samples_from_it(
     # evaluate base (-1); [interrupted, resumed] evaluate iter_000, sample from it, evaluate iter_001
     assert loaded == [tiny_qwen2vl_dir, checkpoints / "iter_000", checkpoints / "iter_000", checkpoints / "iter_001"]
     assert trained_from == [tiny_qwen2vl_dir] * 3                      # round 0 twice (resumed), round 1
-    table = loop.results_table(metrics)
+    table = results_table(metrics)
     assert "| base |" in table and "| 0 |" in table and "| 1 |" in table
 
 
