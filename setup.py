@@ -92,6 +92,7 @@ setup(
     extras_require={
         "dev": [
             "pytest", "pytest-benchmark", "hypothesis",
+            "tensorboard",   # the --report-to tensorboard test reads the event files
             # Triton kernels are tested on the CPU under TRITON_INTERPRET=1.
             "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],

@@ -64,6 +64,8 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+# accelerate trackers offered by --report-to (each needs its package installed).
+TRACKERS = ("tensorboard", "trackio", "wandb")
 # transformers.get_scheduler names offered by --lr-scheduler.
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
 
@@ -105,6 +107,9 @@ class RunOptions:
     resume: bool = option(False, "continue the run in --run-dir with its saved configuration")
     seed: int = option(0, "seed of sampling, task building and batch order")
     progress: bool = option(True, "show progress bars")
+    report_to: tuple[Literal[TRACKERS], ...] = option(
+        (), "experiment trackers (accelerate's log_with) that receive per-step losses, learning rate, "
+            "grad norm, tokens/s and every iteration's metrics; none by default")
 
 
 @dataclass(frozen=True)
@@ -426,7 +431,9 @@ def add_options(parser: argparse.ArgumentParser, groups: Sequence[type], *,
                 kwargs.update(nargs="?", const=True, metavar="BOOL")
             if typing.get_origin(base) is tuple:   # --flag A B C (an empty list: the flag alone)
                 item = typing.get_args(base)[0]
-                kwargs.update(nargs="*", metavar=item.__name__.upper(),
+                item_choices = _choices(item)
+                kwargs.update(nargs="*", metavar=("{" + ",".join(item_choices) + "}") if item_choices
+                              else item.__name__.upper(),
                               type=lambda text, name=f.name, item=item: convert(text, name, item))
             section.add_argument(flag(f.name), **kwargs)
             if base is bool:

@@ -40,6 +40,25 @@ def _warn_preset(cfg: RunConfig, argv: list[str] | None) -> None:
               file=sys.stderr)
 
 
+def check_trackers(names: tuple[str, ...]) -> list[str] | None:
+    """--report-to: the trackers to pass to accelerate, or UsageError naming a missing package."""
+    if not names:
+        return None
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise UsageError(f"--report-to {' '.join(missing)}: not installed (pip install {' '.join(missing)})")
+    return list(names)
+
+
+def tracker_config(cfg: RunConfig) -> dict:
+    """The configuration as trackers take hyperparameters: flat, scalars and strings only."""
+    flat = cfg.flat()
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, print_config = resolved_config(argv)
@@ -52,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     from r3v_fast.engine.loop import Run, load_run_data
     from r3v_fast.engine.report import results_table
@@ -66,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         data = load_run_data(cfg.data)
         if cfg.loop.warmup_round and not data.warmup:
             raise UsageError("--warmup-round needs warm-up data (--warmup-data)")
+        trackers = check_trackers(cfg.run.report_to)
         # cpu=True on a machine without CUDA: otherwise accelerate ignores a multi-process launch
-        # (each rank would believe it is alone) instead of using gloo.
+        # (each rank would believe it is alone) instead of using gloo. The trackers' directory is
+        # the run directory's, set once it is known (accelerate wants one at construction).
         accelerator = Accelerator(mixed_precision="bf16" if resolve_bf16(cfg.model.bf16) else "no",
-                                  cpu=not torch.cuda.is_available())
+                                  cpu=not torch.cuda.is_available(), log_with=trackers,
+                                  project_config=ProjectConfiguration(project_dir=".", logging_dir="."))
         # The main process creates (or finds) the run directory; the others follow its choice.
         if accelerator.is_main_process:
             cfg, run_dir = RunDir.resume(cfg) if cfg.run.resume else RunDir.create(cfg)
@@ -82,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ModelLoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if trackers:
+        accelerator.project_configuration.set_directories(str(run_dir.path / "trackers"))
+        accelerator.init_trackers(run_dir.path.name, config=tracker_config(cfg))
 
     if accelerator.is_main_process:
         print(f"run directory: {run_dir.path}\nmodel: {model_dir}\n"
@@ -93,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: continue with  python -m r3v_fast.train --resume --run-dir {run_dir.path}",
               file=sys.stderr)
         return 130
+    finally:
+        if trackers:
+            accelerator.end_training()
     if accelerator.is_main_process:
         print("\n" + results_table(metrics))
         print(f"\nmetrics: {run_dir.metrics_path}   plot: {run_dir.plot_path}")

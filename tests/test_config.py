@@ -21,7 +21,9 @@ def _other_value(name, kind, default):
     """A value different from ``default`` that the flag accepts, as (command-line text, value)."""
     base, _ = config._unwrap_optional(kind)
     if typing.get_origin(base) is tuple:
-        return "a.json", ("a.json",)
+        item_choices = config._choices(typing.get_args(base)[0])
+        value = item_choices[0] if item_choices else "a.json"
+        return value, (value,)
     if typing.get_origin(base) is typing.Literal:
         value = next(c for c in typing.get_args(base) if c != default)
         return str(value), value

@@ -129,6 +129,13 @@ def warmup_examples(records: list[Record], render) -> list[Example]:
     return [warmup_example(r, render) for r in records]
 
 
+def tracker_values(record: dict) -> dict[str, float]:
+    """The numbers of a metrics record as tracker scalars, named "<phase>/<key>"."""
+    prefix = record["phase"]
+    return {f"{prefix}/{k}": float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("iteration", "step")}
+
+
 # ------------------------------------------------------------------------------ the run
 class Run:
     def __init__(self, cfg: RunConfig, run_dir: RunDir, model_dir: Path, data: RunData, accelerator,
@@ -147,9 +154,12 @@ class Run:
         return self.dir.done(key)
 
     def mark(self, key: str, metrics: dict | None = None) -> None:
-        """Record a finished phase (main process only), appending its metrics line first."""
+        """Record a finished phase (main process only), appending its metrics line first and
+        sending its numbers to the trackers (--report-to) at step = iteration."""
         if self.acc.is_main_process:
             self.dir.mark(key, metrics)
+            if metrics is not None:
+                self.acc.log(tracker_values(metrics), step=metrics["iteration"])
         self.acc.wait_for_everyone()
 
     def metrics(self) -> list[dict]:
