@@ -35,7 +35,7 @@ from r3v_fast.engine.rundir import RunDir
 from r3v_fast.engine.sampler import HFSampler, Request, SamplingParams
 from r3v_fast.engine.tasks import build_examples
 from r3v_fast.engine.trainer import Trainer, apply_lora
-from r3v_fast.model.loading import load_vlm
+from r3v_fast.model.loading import load_vlm, tokenizer_of
 
 __all__ = ["RunData", "load_run_data", "make_sampler", "warmup_examples", "Run"]
 
@@ -129,6 +129,31 @@ def warmup_examples(records: list[Record], render) -> list[Example]:
     return [warmup_example(r, render) for r in records]
 
 
+def reset_peak_memory(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> dict:
+    """The phase's peak memory: GPU memory allocated by torch since the phase began on CUDA;
+    else the process's peak resident host memory so far (it never goes down)."""
+    if torch.device(device).type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "memory_kind": "cuda"}
+    import resource
+
+    return {"peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+            "memory_kind": "host_rss"}
+
+
+def count_tokens(processor, texts) -> int:
+    """Tokens in generated texts (each plus its stop token): the sampling work of a phase."""
+    texts = [t for t in texts if t]
+    if not texts:
+        return 0
+    ids = tokenizer_of(processor)(texts, add_special_tokens=False)["input_ids"]
+    return sum(len(i) + 1 for i in ids)
+
+
 def tracker_values(record: dict) -> dict[str, float]:
     """The numbers of a metrics record as tracker scalars, named "<phase>/<key>"."""
     prefix = record["phase"]
@@ -184,6 +209,8 @@ class Run:
     def bootstrap(self, iteration: int, model, processor) -> dict:
         """Sample K solutions per training question into the pool; chunks are dealt to ranks."""
         cfg, t0 = self.cfg, time.time()
+        reset_peak_memory(self.acc.device)
+        generated = 0
         render = prompts.renderer(processor)
         sampler = self.sampler(model, processor)
         params = SamplingParams.from_options(cfg.sampling, seed=cfg.run.seed * 1000 + iteration)
@@ -203,15 +230,17 @@ class Run:
                               correct=is_right(r, text))
                        for r, texts in zip(records, outputs) for j, text in enumerate(texts)]
             self.pool.write_shard(iteration, c, samples)
+            generated += count_tokens(processor, [text for texts in outputs for text in texts])
         self.acc.wait_for_everyone()
-        chunks_per_rank = [len(todo)]
+        chunks_per_rank, tokens_per_rank = [len(todo)], [generated]
         if self.acc.num_processes > 1:
             from accelerate.utils import gather_object
 
-            chunks_per_rank = gather_object(chunks_per_rank)
+            chunks_per_rank, tokens_per_rank = gather_object(chunks_per_rank), gather_object(tokens_per_rank)
         return {"iteration": iteration, "phase": "bootstrap", "pool_accuracy": 100 * self.pool.accuracy(iteration),
                 "samples": cfg.sampling.k * len(self.data.train), "chunks_per_rank": chunks_per_rank,
-                "seconds": time.time() - t0}
+                "generated_tokens": sum(tokens_per_rank), "seconds": time.time() - t0,
+                **peak_memory(self.acc.device)}
 
     def build(self, iteration: int, processor):
         render = prompts.renderer(processor)
@@ -256,6 +285,7 @@ class Run:
         from accelerate.utils import gather_object
 
         cfg, t0 = self.cfg, time.time()
+        reset_peak_memory(self.acc.device)
         ks = cfg.eval.k_list()
         # Questions are dealt to ranks round-robin; the rows go back into question order below.
         order = list(range(len(self.data.test)))[self.acc.process_index::self.acc.num_processes]
@@ -271,12 +301,15 @@ class Run:
             rows = [row for _, row in ranked]
         if self.acc.is_main_process:
             self.dir.write_eval_rows(iteration, rows)
-        return {"iteration": iteration, "phase": "eval", **summarize(rows, ks), "seconds": time.time() - t0}
+        generated = count_tokens(processor, [t for r in rows for t in (r["greedy"], *r["candidates"],
+                                                                       *(s["text"] for s in r["select"].values()))])
+        return {"iteration": iteration, "phase": "eval", **summarize(rows, ks), "generated_tokens": generated,
+                "seconds": time.time() - t0, **peak_memory(self.acc.device)}
 
     # the loop ---------------------------------------------------------------------------
     def train_phase(self, iteration: int) -> None:
         """Build the mix (the warm-up data alone in the warm-up round), train, save, mark."""
-        cfg = self.cfg
+        cfg, t0 = self.cfg, time.time()
         processor = load_processor(self.model_dir, cfg.model.trust_remote_code)
         if iteration == 0:
             examples = warmup_examples(self.data.warmup, prompts.renderer(processor))
@@ -287,7 +320,10 @@ class Run:
         if not examples:
             raise UsageError(f"iteration {iteration}: no training example could be built "
                              "(no correct sample and no warm-up data)")
+        build_seconds = time.time() - t0
+        reset_peak_memory(self.acc.device)
         summary = self.train(iteration, examples)
+        summary.update(build_seconds=build_seconds, **peak_memory(self.acc.device))
         summary["counts"] = {"sft": counts.get("sft", 0), "refine": counts.get("refine", 0),
                              "select": counts.get("select", 0), "warmup": counts.get("warmup", 0)}
         self.mark(f"train:{iteration}", summary)
