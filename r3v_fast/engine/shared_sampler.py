@@ -21,11 +21,12 @@ the 3-D positions of the prompt and the delta), and all three rope rows of a tex
 equal; the select branch's token at prompt index C + s sits at C + s + rope_delta. LLaVA uses
 plain 1-D positions.
 
-Sampling: temperature, then top-k, then top-p (transformers' order and conventions), then one
-draw per branch by the exponential-race trick (argmax of p / E, E ~ Exp(1): an exact draw from
-p that needs no cumulative search) from a ``torch.Generator`` seeded with
-``seed * 1_000_003 + group number``, so a run is reproducible for a fixed seed and batch
-composition. Temperature 0 is greedy (argmax of the raw logits, as ``generate``).
+Sampling: ``r3v_fast.engine.sampler.sample_tokens`` (transformers' warpers, then the
+exponential race on counter-based noise keyed by (seed, request key, branch index, step)), so
+a request's samples do not depend on its group. Branch indices count the sampled branches of
+a request (the greedy branch of ``sample_and_select`` is not counted), so the K candidates of
+``sample_and_select`` are the K samples of ``sample``. Temperature 0 is greedy (argmax of the
+raw logits, as ``generate``).
 
 Stopping and host syncs: a branch ends at the end-of-turn or eos token, or at max_new_tokens.
 Finished flags live on the device; the host reads them once every ``sync_every`` steps (the
@@ -60,7 +61,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from r3v_fast.engine.sampler import Request, SamplingParams, load_images
+from r3v_fast.engine.sampler import (Request, SamplingParams, branch_key, load_images, request_key,
+                                     sample_tokens)
 from r3v_fast.model.loading import end_of_turn_id, lm_head_and_backbone, pad_id, unwrap_peft
 from r3v_fast.model.prefix_cache import SharedPrefixCache, prefix_attention_enabled
 
@@ -187,10 +189,8 @@ class SharedPrefixSampler:
         bar = tqdm(total=len(requests), desc=desc, unit="question", disable=not self.show_progress,
                    leave=False)
         with prefix_attention_enabled(self.model):
-            for group_no, group in enumerate(self._groups(requests, len(temperatures), params.max_new_tokens)):
-                generator_seed = params.seed * 1_000_003 + group_no
-                for prompt, result in zip(group, self._run_group(group, params, temperatures, generator_seed,
-                                                                 select, stats)):
+            for group in self._groups(requests, len(temperatures), params.max_new_tokens):
+                for prompt, result in zip(group, self._run_group(group, params, temperatures, select, stats)):
                     results[prompt.index] = result
                 stats["groups"] += 1
                 bar.update(len(group))
@@ -247,10 +247,9 @@ class SharedPrefixSampler:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------- one group
-    def _run_group(self, group: Sequence[_Prompt], params: SamplingParams, temperatures, seed: int,
-                   select, stats) -> list:
+    def _run_group(self, group: Sequence[_Prompt], params: SamplingParams, temperatures, select,
+                   stats) -> list:
         device = self.device
-        generator = torch.Generator(device=device).manual_seed(seed)
         cache = SharedPrefixCache(self.num_layers, backend=self.backend)
         lengths = torch.tensor([len(p.ids) for p in group], device=device)         # [N]
 
@@ -272,15 +271,18 @@ class SharedPrefixSampler:
         cache.begin_branches(torch.arange(num_q, device=device), lengths, num_b,
                              capacity=min(params.max_new_tokens, 64))
         temps = torch.tensor(temperatures, dtype=torch.float32, device=device).expand(num_q, num_b)
+        numbers = branch_numbers(temperatures)
+        keys = torch.tensor([[branch_key(params.seed, request_key(p.request), n) for n in numbers] for p in group],
+                            dtype=torch.long, device=device)                              # [Q, K]
         tokens, logprobs = self._decode(cache, first_logits[:, None].expand(-1, num_b, -1), next_positions,
-                                        temps, params, params.max_new_tokens, 0, generator, stats)
+                                        temps, keys, params, params.max_new_tokens, 0, stats)
         cache.end_branches()
         branches = [[self._branch_output(tokens[q][b], logprobs[q][b]) for b in range(num_b)]
                     for q in range(num_q)]
 
         selects: list[dict[int, BranchOutput]] = [{} for _ in group]
         if select is not None:
-            selects = self._select(cache, group, branches, next_positions - lengths, select, generator, stats)
+            selects = self._select(cache, group, branches, next_positions - lengths, select, stats)
         stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], cache.peak_bytes)
         return list(zip(branches, selects))
 
@@ -308,12 +310,13 @@ class SharedPrefixSampler:
 
     # ------------------------------------------------------------------------- decoding
     def _decode(self, cache: SharedPrefixCache, first_logits: torch.Tensor, start_positions: torch.Tensor,
-                temps: torch.Tensor, params: SamplingParams, max_new_tokens: int, start_len: int,
-                generator: torch.Generator, stats):
+                temps: torch.Tensor, keys: torch.Tensor, params: SamplingParams, max_new_tokens: int,
+                start_len: int, stats):
         """Decode every branch of the cache's current layout.
 
         first_logits [Q, K, V]: the distribution of each branch's first new token;
         start_positions [Q]: position of a branch's suffix token 0; temps [Q, K] (0 = greedy);
+        keys [Q, K] int64: each branch's row key for the random draws (``branch_key``);
         start_len: longest suffix already in the cache (select prompts), for capacity.
         Returns (tokens, logprobs): nested lists [Q][K] of the new tokens (cut after a stop).
         """
@@ -327,11 +330,9 @@ class SharedPrefixSampler:
         out_q = torch.arange(num_q, device=device)[:, None].expand(num_q, num_b)     # output slot of each row
         out_b = torch.arange(num_b, device=device)[None, :].expand(num_q, num_b)
         stop_ids = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
-        any_sampled = bool((temps > 0).any())
-        row_temps = temps.contiguous()
+        row_temps, row_keys = temps.contiguous(), keys.expand(num_q, num_b).contiguous()
 
-        token, logprob = self._pick(first_logits.reshape(num_q * num_b, -1), row_temps.reshape(-1),
-                                    params, generator, any_sampled)
+        token, logprob = self._pick(first_logits.reshape(num_q * num_b, -1), row_temps, row_keys, params, 0)
         token, logprob = token.view(num_q, num_b), logprob.view(num_q, num_b)
         out_tokens[out_q, out_b, 0], out_logprobs[out_q, out_b, 0] = token, logprob
         finished = torch.isin(token, stop_ids)                                        # [Q, K]
@@ -351,14 +352,14 @@ class SharedPrefixSampler:
                     rows = questions[:, None]
                     cache.select(questions, branches)
                     token, finished = token[rows, branches], finished[rows, branches]
-                    row_temps = row_temps[rows, branches]
+                    row_temps, row_keys = row_temps[rows, branches], row_keys[rows, branches]
                     out_q, out_b = out_q[rows, branches], out_b[rows, branches]
                     start_positions = start_positions[questions]
                     num_q, num_b = branches.shape
                     runner.new_layout()
             cache.ensure_capacity(longest + 1, limit=limit)
             logits = runner.step(token, start_positions)                              # [Q*K, V]
-            token, logprob = self._pick(logits, row_temps.reshape(-1), params, generator, any_sampled)
+            token, logprob = self._pick(logits, row_temps, row_keys, params, steps)
             token, logprob = token.view(num_q, num_b), logprob.view(num_q, num_b)
             out_tokens[out_q, out_b, steps], out_logprobs[out_q, out_b, steps] = token, logprob
             finished |= torch.isin(token, stop_ids)
@@ -408,37 +409,19 @@ class SharedPrefixSampler:
         order = torch.argsort((~alive[questions]).to(torch.int8), dim=1, stable=True)
         return questions, order[:, :width]
 
-    def _pick(self, logits: torch.Tensor, temps: torch.Tensor, params: SamplingParams,
-              generator: torch.Generator, any_sampled: bool):
-        """Next token of each row and its log-probability under the raw logits.
-
-        logits [R, V] float32, temps [R] (0 = greedy). Sampling: logits / T, keep the top_k
-        (0 = all), then the smallest set of most likely tokens whose probability reaches top_p
-        (a token is kept if the mass strictly above it is below top_p, so the most likely one
-        always is), then draw by the exponential race on the kept probabilities."""
-        token = logits.argmax(dim=-1)                                                 # greedy
-        if any_sampled:
-            vocab = logits.shape[-1]
-            keep = vocab if params.top_k <= 0 else min(params.top_k, vocab)
-            scale = torch.where(temps > 0, temps, 1.0)[:, None]
-            values, indices = torch.topk(logits / scale, keep, dim=-1)                # [R, k] descending
-            probs = torch.softmax(values, dim=-1)
-            if params.top_p < 1.0:
-                mass_above = torch.cumsum(probs, dim=-1) - probs
-                probs = probs.masked_fill(mass_above >= params.top_p, 0.0)
-            race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)
-            drawn = indices.gather(1, (probs / race).argmax(dim=-1, keepdim=True)).squeeze(1)
-            token = torch.where(temps > 0, drawn, token)
-        # log p(token) = logit - logsumexp(logits): the log-softmax at one entry, without a
-        # second [R, V] tensor.
-        return token, logits.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    @staticmethod
+    def _pick(logits: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor, params: SamplingParams, step: int):
+        """Next token [Q*K] and its log-probability of every branch: logits [Q*K, V] float32,
+        temps / keys [Q, K]; step: tokens each branch generated before (the same for all)."""
+        steps = torch.full((keys.numel(),), step, dtype=torch.long, device=keys.device)
+        return sample_tokens(logits, temps.reshape(-1), params, keys.reshape(-1), steps)
 
     def _branch_output(self, tokens: list[int], logprobs: list[float]) -> BranchOutput:
         text = self.processor.batch_decode([tokens], skip_special_tokens=True)[0]
         return BranchOutput(tokens, logprobs, text)
 
     # ------------------------------------------------------------------------- selection
-    def _select(self, cache, group, branches, rope_deltas, select, generator, stats) -> list[dict]:
+    def _select(self, cache, group, branches, rope_deltas, select, stats) -> list[dict]:
         """Select prompts of the group as new branches of the cached prefixes, decoded greedily
         (or with select_params' temperature). Prompts that do not share the CoT prompt's prefix
         through its image fall back to a from-scratch decode."""
@@ -459,10 +442,11 @@ class SharedPrefixSampler:
             if shared is None:
                 fallback += [(q, k, r) for k, r in zip(select_ks, requests)]
             else:
-                plans.append((q, shared, [x[shared:] for x in ids]))
+                keys = [branch_key(select_params.seed, request_key(r), 0) for r in requests]
+                plans.append((q, shared, [x[shared:] for x in ids], keys))
         if plans:
-            decoded = self._select_branches(cache, plans, rope_deltas, select_params, generator, stats)
-            for (q, _, _), per_k in zip(plans, decoded):
+            decoded = self._select_branches(cache, plans, rope_deltas, select_params, stats)
+            for (q, *_), per_k in zip(plans, decoded):
                 out[q] = dict(zip(select_ks, per_k))
         if fallback:
             params = SamplingParams(**{**select_params.__dict__, "k": 1})
@@ -490,15 +474,16 @@ class SharedPrefixSampler:
                 return None
         return shared if shared > 0 else None
 
-    def _select_branches(self, cache, plans, rope_deltas, select_params, generator, stats):
-        """plans: [(question row, shared length C, [select tokens after C, per k])] ->
-        [[text per k] per plan]."""
+    def _select_branches(self, cache, plans, rope_deltas, select_params, stats):
+        """plans: [(question row, shared length C, [select tokens after C, per k], [row key per k])]
+        -> [[BranchOutput per k] per plan]."""
         device = self.device
         num_q, num_k = len(plans), len(plans[0][2])
-        rows = torch.tensor([q for q, _, _ in plans], device=device)
-        shared = torch.tensor([c for _, c, _ in plans], device=device)               # [Q]
-        new_lens = torch.tensor([[len(t) for t in toks] for _, _, toks in plans], device=device)  # [Q, K]
-        longest = max(len(t) for _, _, toks in plans for t in toks)
+        rows = torch.tensor([q for q, *_ in plans], device=device)
+        shared = torch.tensor([c for _, c, _, _ in plans], device=device)            # [Q]
+        new_lens = torch.tensor([[len(t) for t in toks] for _, _, toks, _ in plans], device=device)  # [Q, K]
+        keys = torch.tensor([k for *_, k in plans], dtype=torch.long, device=device)  # [Q, K]
+        longest = max(len(t) for _, _, toks, _ in plans for t in toks)
         max_new = select_params.max_new_tokens
         cache.begin_branches(rows, shared, num_k, capacity=longest + min(max_new, 64))
         start_positions = shared + rope_deltas[rows]                                  # position of select token 0
@@ -507,7 +492,7 @@ class SharedPrefixSampler:
         first_logits = []
         for q0 in range(0, num_q, per_chunk):
             q1 = min(num_q, q0 + per_chunk)
-            chunk = [t for _, _, toks in plans[q0:q1] for t in toks]
+            chunk = [t for _, _, toks, _ in plans[q0:q1] for t in toks]
             width = max(len(t) for t in chunk)
             input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             for r, t in enumerate(chunk):
@@ -524,8 +509,8 @@ class SharedPrefixSampler:
             del hidden
         cache.mode = None
         temps = torch.full((num_q, num_k), max(select_params.temperature, 0.0), device=device)
-        tokens, logprobs = self._decode(cache, torch.cat(first_logits), start_positions, temps, select_params,
-                                        max_new, longest, generator, stats)
+        tokens, logprobs = self._decode(cache, torch.cat(first_logits), start_positions, temps, keys,
+                                        select_params, max_new, longest, stats)
         cache.end_branches()
         return [[self._branch_output(tokens[q][k], logprobs[q][k]) for k in range(num_k)]
                 for q in range(num_q)]
@@ -536,6 +521,16 @@ class SharedPrefixSampler:
         """Like ``sample`` but returns token ids and per-token log-probabilities as well."""
         temperatures = [max(params.temperature, 0.0)] * params.k
         return [branches for branches, _ in self._run(requests, params, temperatures, desc="sampling")]
+
+
+def branch_numbers(temperatures) -> list[int]:
+    """The random-draw branch index of each branch: sampled branches count 0, 1, ... in order;
+    greedy ones (temperature 0) draw nothing and get -1."""
+    numbers, count = [], 0
+    for t in temperatures:
+        numbers.append(count if t > 0 else -1)
+        count += t > 0
+    return numbers
 
 
 class _DecodeRunner:

@@ -182,6 +182,27 @@ def test_sampled_tokens_stay_in_the_top_k(setup):
             assert all(t in top3[i].tolist() for i, t in enumerate(branch.tokens))
 
 
+def test_sampled_texts_equal_the_hf_sampler_token_for_token(setup):
+    """The same draw on the same distribution: with the public R³V settings the shared and HF
+    samplers give the same K samples of every request (fp32, batch sizes differ on purpose)."""
+    model, processor, _, requests = setup
+    params = SamplingParams(k=3, temperature=0.9, top_k=50, top_p=0.95, max_new_tokens=10, seed=11)
+    shared = _sampler(model, processor, batch_size=2).sample(requests, params)
+    hf = HFSampler(model, processor, batch_size=3, show_progress=False).sample(requests, params)
+    assert shared == hf
+    assert all(len(set(texts)) > 1 for texts in shared)
+
+
+@qwen_only
+def test_a_requests_samples_do_not_depend_on_its_group(setup):
+    model, processor, _, requests = setup
+    params = SamplingParams(k=3, temperature=1.0, max_new_tokens=8, seed=7)
+    together = _sampler(model, processor, batch_size=3).sample(requests, params)
+    reordered = _sampler(model, processor, batch_size=2).sample(requests[::-1], params)[::-1]
+    alone = [_sampler(model, processor, batch_size=1).sample([r], params)[0] for r in requests]
+    assert together == reordered == alone
+
+
 @qwen_only
 def test_seed_reproduces_and_changes_the_draws(setup):
     model, processor, _, requests = setup
