@@ -24,6 +24,19 @@ Conventions shared with r3v_fast.ops.cascade_attention and kernels/cascade_atten
   lse = -inf, which the merge treats as "no contribution".
 - Numerics: everything is computed in float32 (float64 inputs stay float64); o of partial
   states is returned in that compute dtype so merging does not round twice.
+
+Paged layout (`paged_cascade_decode_attention`, the continuous-batching sampler's cache): the
+keys and values of every prefix and every branch live in fixed-size blocks of one pool, and
+block tables say which blocks hold a sequence's tokens, in order:
+- q [S, H, Dh]: one query per decode slot;
+- k_pool/v_pool [NB, Hkv, BS, Dh]: NB blocks of BS tokens;
+- question_slots [R, W] int: the slots of question row r (-1 = none); a slot appears at most
+  once; slots listed nowhere get o = 0, lse = -inf;
+- prefix_tables [R, MPB] int, prefix_lens [R]: token t of row r's prefix is at
+  block prefix_tables[r, t // BS], offset t % BS;
+- slot_tables [S, MSB] int, slot_lens [S]: the same for each slot's own tokens.
+Lengths are clamped to the table's capacity (blocks x BS). The reference gathers the blocks into
+the dense layout above and runs the dense cascade, so both layouts share one algebra.
 """
 
 from __future__ import annotations
@@ -171,3 +184,40 @@ def naive_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix
     q_grp = q.to(dtype).view(num_q, num_branches, num_kv_heads, group, head_dim)
     o, _ = _masked_softmax_attention(q_grp, k_full, v_full, valid[:, :, None, None, :], scale)
     return o.reshape(num_q, num_branches, num_heads, head_dim).to(q.dtype)
+
+
+def _gather_blocks(pool: Tensor, tables: Tensor) -> Tensor:
+    """pool [NB, Hkv, BS, Dh], tables [..., B] -> [..., Hkv, B * BS, Dh]: the tokens of each table
+    row in order (a copy)."""
+    blocks = pool[tables.long()]                                    # [..., B, Hkv, BS, Dh]
+    blocks = blocks.movedim(-3, -4)                                 # [..., Hkv, B, BS, Dh]
+    return blocks.reshape(*blocks.shape[:-3], -1, blocks.shape[-1])
+
+
+def paged_cascade_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, question_slots: Tensor,
+                                   prefix_tables: Tensor, prefix_lens: Tensor, slot_tables: Tensor,
+                                   slot_lens: Tensor, *, scale: float | None = None,
+                                   return_lse: bool = False):
+    """Cascade decode attention over a block pool (layout in the module docstring).
+
+    Returns o [S, H, Dh] in q's dtype (0 for slots no question lists) and, if return_lse,
+    lse [S, H] float32 (-inf for those slots).
+    """
+    num_slots, num_heads, head_dim = q.shape
+    listed = question_slots >= 0                                    # [R, W]
+    slots = question_slots.long().clamp_min(0)                      # [R, W]
+    prefix_k = _gather_blocks(k_pool, prefix_tables)                # [R, Hkv, MPB*BS, Dh]
+    prefix_v = _gather_blocks(v_pool, prefix_tables)
+    branch_tables = slot_tables[slots]                              # [R, W, MSB]
+    suffix_k = _gather_blocks(k_pool, branch_tables)                # [R, W, Hkv, MSB*BS, Dh]
+    suffix_v = _gather_blocks(v_pool, branch_tables)
+    suffix_lens = torch.where(listed, slot_lens.long()[slots], 0)   # [R, W]; unlisted: no suffix
+    o, lse = cascade_decode_attention(q[slots], prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
+                                      suffix_lens, scale=scale, return_lse=True)  # [R, W, H, Dh]
+    out = q.new_zeros(num_slots, num_heads, head_dim)
+    out[slots[listed]] = o[listed]
+    if not return_lse:
+        return out
+    lse_out = torch.full((num_slots, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    lse_out[slots[listed]] = lse[listed].float()
+    return out, lse_out
