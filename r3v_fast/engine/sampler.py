@@ -138,7 +138,7 @@ def race_draw(probs: torch.Tensor, token_ids: torch.Tensor, row_keys: torch.Tens
 
 
 def sample_tokens(logits: torch.Tensor, temps: torch.Tensor, params: SamplingParams,
-                  row_keys: torch.Tensor, steps: torch.Tensor):
+                  row_keys: torch.Tensor, steps: torch.Tensor, *, any_sampled: bool | None = None):
     """Next token of each row and its log-probability under the raw logits.
 
     logits [R, V] float32; temps [R] (0 = greedy: argmax of the raw logits, as ``generate``);
@@ -146,11 +146,12 @@ def sample_tokens(logits: torch.Tensor, temps: torch.Tensor, params: SamplingPar
     top_k (0 = all), then top-p as transformers' ``TopPLogitsWarper`` computes it (ascending
     sort, cumulative probability; a token goes if the mass at or below it is <= 1 - top_p, so
     the most likely token always stays), then the exponential race with ``race_noise``.
-    Returns (token [R] int64, logprob [R] float32).
+    ``any_sampled``: whether some temperature is > 0, if the caller knows it (else it is read
+    from ``temps``, a host sync). Returns (token [R] int64, logprob [R] float32).
     """
     token = logits.argmax(dim=-1)                                                # greedy
     sampled = temps > 0
-    if bool(sampled.any()):
+    if bool(sampled.any()) if any_sampled is None else any_sampled:
         vocab = logits.shape[-1]
         keep = vocab if params.top_k <= 0 else min(params.top_k, vocab)
         scale = torch.where(sampled, temps, 1.0)[:, None]

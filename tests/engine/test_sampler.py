@@ -101,7 +101,7 @@ def setup(request, rgb_images, tmp_path_factory):
         path = folder / f"{i}.png"
         img.save(path)
         record = Record(id=str(i), image=str(path), question=q, answer="1", dataset="shapes-math")
-        requests.append(Request(prompts.render(processor, prompts.cot_messages(record)), str(path)))
+        requests.append(Request(prompts.render(processor, prompts.cot_messages(record)), str(path), key=record.id))
     return model, processor, requests
 
 
