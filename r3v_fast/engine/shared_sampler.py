@@ -48,10 +48,14 @@ per slot count bucket (powers of two up to ``max_slots``: the batch shrinks in t
 and replayed; tables are rewritten between replays, never reallocated (a table that must grow
 drops the graphs). Sampling runs eagerly between replays.
 
+The pool, the slot buffers and the graphs outlive a call (the sampler keeps them while a call
+fits them), so a phase that samples chunk after chunk captures its graphs once.
+
 ``last_stats`` after a call: prefill tokens and forwards, generated tokens, decode steps,
 decode tokens (tokens produced by decode forwards, i.e. all but each branch's first), slots,
-peak KV bytes (blocks in use at the peak x bytes per block), the pool's bytes, preemptions and
-the seconds until the last token. Mean decode occupancy = decode tokens / (decode steps x slots).
+peak KV bytes (blocks in use at the peak x bytes per block), the pool's bytes, preemptions, the
+seconds until the last token, and the steady state: decode steps while questions waited for
+slots and the occupancy in them. Mean decode occupancy = decode tokens / (decode steps x slots).
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class _Branch:
     state: str = "new"                # new (needs its first token) | ready | running | done
     slot: int | None = None           # slot in the current layout
     out_row: int | None = None        # row of the device output buffer
+    start_step: int = 0               # the run's decode step at which it joined the slots
 
     def reset(self) -> None:
         """Back to the start (after a preemption): same draws when it runs again."""
@@ -148,6 +153,7 @@ class SharedPrefixSampler(PrefixSamplerBase):
         self.kv_budget_tokens = kv_budget_tokens
         self.max_prefill_tokens = max_prefill_tokens
         self.sync_every = sync_every
+        self._engine: _Engine | None = None          # device state kept between calls
 
     def _run_eval(self, requests, params, temperatures, *, desc, select=None):
         with prefix_attention_enabled(self.model):
@@ -197,6 +203,8 @@ class _Run:
         self.bar = tqdm(total=len(requests), desc=desc, unit="question", disable=not sampler.show_progress,
                         leave=False)
         self.cache: PagedPrefixCache | None = None
+        self.steady_steps = 0
+        self.spans: list[tuple[int, int]] = []                           # (start step, decode tokens)
         self.layout: list[_Branch] = []                                  # the running branch of each slot
 
     # ------------------------------------------------------------------------- setup
@@ -204,9 +212,9 @@ class _Run:
         return -(-tokens // self.block)
 
     def _make_cache(self, prompt_tokens: int) -> None:
-        """Pool and state buffers, sized once the first prompts are known."""
-        s, text = self.s, self.s.config.get_text_config()
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        """Pool and state buffers, sized once the first prompts are known: the sampler's engine
+        from an earlier call if it is large enough (its CUDA graphs stay valid), else a new one."""
+        s = self.s
         branch_tokens = self.params.max_new_tokens + self.ahead + self.block
         if s.kv_budget_tokens is None:
             # Every slot's token budget, two prompts per question that fills the slots, and room
@@ -219,33 +227,24 @@ class _Run:
                 budget += len(select_ks) * (select_tokens + self.ahead + self.block)
         else:
             budget = s.kv_budget_tokens
-        self.num_blocks = max(2, self._blocks_for(budget) + 1)           # + the scratch block
-        dtype = s.lm_head.weight.dtype
-        self.cache = PagedPrefixCache(
-            s.num_layers, num_blocks=self.num_blocks, block_size=self.block, num_kv_heads=text.num_key_value_heads,
-            head_dim=head_dim, dtype=dtype, device=self.device, max_slots=self.num_slots, max_rows=self.num_slots,
-            max_width=self.width, slot_blocks=self._blocks_for(branch_tokens),
-            prefix_blocks=self._blocks_for(prompt_tokens), backend=s.backend)
+        sizes = dict(num_slots=self.num_slots, width=self.width, block=self.block, out_width=self.out_width,
+                     num_blocks=max(2, self._blocks_for(budget) + 1),              # + the scratch block
+                     slot_blocks=self._blocks_for(branch_tokens), prefix_blocks=self._blocks_for(prompt_tokens),
+                     use_graphs=self.use_graphs)
+        engine = s._engine
+        if engine is None or not engine.fits(**sizes):
+            s._engine = None                                  # free the old pool before the new one
+            engine = s._engine = _Engine(s, **sizes)
+        self.engine, self.cache, self.runner = engine, engine.cache, engine.runner
+        for name in ("token_in", "gen", "limits", "temps", "keys", "base", "is_select", "out_rows", "finished",
+                     "out_tokens", "out_logprobs", "stop_ids"):
+            setattr(self, name, getattr(engine, name))
+        self.num_blocks = engine.cache.num_blocks
         self.free_blocks = list(range(self.num_blocks - 1, SCRATCH_BLOCK, -1))   # pop() gives low ids first
         self.used_blocks = 0
         self.block_bytes = self.cache.block_bytes()
         self.stats["kv_pool_bytes"] = self.cache.nbytes()
-        n, dev = self.num_slots, self.device
-        # Per-slot decode state (slot i of the current layout); index n is the "no slot" row.
-        self.token_in = torch.zeros(n, dtype=torch.long, device=dev)     # last drawn token: next input
-        self.gen = torch.zeros(n, dtype=torch.long, device=dev)          # tokens the branch generated
-        self.limits = torch.ones(n, dtype=torch.long, device=dev)
-        self.temps = torch.zeros(n, dtype=torch.float32, device=dev)
-        self.keys = torch.zeros(n, dtype=torch.long, device=dev)
-        self.base = torch.zeros(n, dtype=torch.long, device=dev)         # position of the branch's KV token 0
-        self.is_select = torch.zeros(n, dtype=torch.bool, device=dev)
-        self.out_rows = torch.full((n,), n, dtype=torch.long, device=dev)
-        self.finished = torch.zeros(n, dtype=torch.bool, device=dev)
-        self.out_tokens = torch.zeros(n + 1, self.out_width, dtype=torch.long, device=dev)
-        self.out_logprobs = torch.zeros(n + 1, self.out_width, dtype=torch.float32, device=dev)
-        self.free_out_rows = list(range(n - 1, -1, -1))
-        self.stop_ids = torch.tensor(self.s.stop_ids, dtype=torch.long, device=dev)
-        self.runner = _GraphRunner(self._decode_forward, self.use_graphs)
+        self.free_out_rows = list(range(self.num_slots - 1, -1, -1))
 
     # ------------------------------------------------------------------------- blocks
     def _take_blocks(self, count: int) -> list[int]:
@@ -274,12 +273,19 @@ class _Run:
                 continue
             # Up to the next sync point, or until every running branch reaches its budget.
             steps = min(self.ahead, max(b.limit - b.generated for b in self.layout))
+            if self.waiting:   # steady state: questions wait for slots
+                self.steady_steps = self.stats["decode_steps"] + steps
             for _ in range(steps):
                 self._decode_step(len(self.layout))
             for branch in self.layout:
                 branch.kv_len += steps
                 branch.generated += steps
         self.bar.close()
+        # Occupancy while questions waited: decode tokens of finished branches in those steps.
+        steady = self.steady_steps
+        useful = sum(max(0, min(start + count, steady) - start) for start, count in self.spans)
+        self.stats["steady_decode_steps"] = steady
+        self.stats["steady_occupancy"] = useful / (steady * self.num_slots) if steady else None
         return self.results
 
     def _unblock(self) -> None:
@@ -301,16 +307,6 @@ class _Run:
         self.token_in[:n] = token
         self.gen[:n] += self.cache.slot_live[:n]
         self.stats["decode_steps"] += 1
-
-    def _decode_forward(self, n: int) -> torch.Tensor:
-        """One decode forward of slots [0, n) -> logits [n, V] float32. Device work only on
-        fixed buffers (graph-capturable)."""
-        cache = self.cache
-        positions = self.base[:n] + cache.slot_lens[:n]                           # [n]
-        cache.begin_decode(n)
-        hidden = self.s._forward(cache, positions[:, None], input_ids=self.token_in[:n, None])  # [n, 1, D]
-        cache.end_decode()
-        return self.s.lm_head(hidden[:, -1]).float()
 
     def _pick(self, logits: torch.Tensor, n: int):
         """Tokens and log-probs of slots [0, n): CoT rows with the call's params, select rows
@@ -381,6 +377,8 @@ class _Run:
     def _finish(self, branch: _Branch, tokens: list[int], logprobs: list[float], decoded: int = 0) -> None:
         """A branch ended (at a stop token or its budget): free its slot and blocks."""
         branch.tokens, branch.logprobs, branch.state = tokens, logprobs, "done"
+        if decoded:
+            self.spans.append((branch.start_step, decoded))
         if branch.out_row is not None:
             self.free_out_rows.append(branch.out_row)
         self._give_blocks(branch.blocks)
@@ -681,6 +679,8 @@ class _Run:
             is_select.append(branch.is_select)
             out_rows.append(branch.out_row)
             old = previous.get(id(branch))
+            if old is None:
+                branch.start_step = self.stats["decode_steps"]
             source.append(size if old is None else old)
             first.append(branch.tokens[-1] if old is None else 0)
             branch.slot = slot
@@ -721,6 +721,58 @@ class _Run:
         else:
             cache.set_view(rows=len(questions), prefix_blocks=max(len(q.prefix_blocks) for q in questions),
                            slot_blocks=max(len(b.blocks) for b in layout))
+
+
+class _Engine:
+    """Device state that outlives one call: the paged cache, the per-slot buffers, the output
+    rows and the CUDA graphs that read them. The sampler keeps it, so the graphs of one call
+    serve the next (a bootstrap phase samples chunk after chunk) while the sizes fit."""
+
+    def __init__(self, sampler: SharedPrefixSampler, *, num_slots: int, width: int, block: int, out_width: int,
+                 num_blocks: int, slot_blocks: int, prefix_blocks: int, use_graphs: bool):
+        self.s = sampler
+        text = sampler.config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        dev = sampler.device
+        self.sizes = dict(num_slots=num_slots, width=width, block=block, use_graphs=use_graphs)
+        self.out_width = out_width
+        self.cache = PagedPrefixCache(
+            sampler.num_layers, num_blocks=num_blocks, block_size=block, num_kv_heads=text.num_key_value_heads,
+            head_dim=head_dim, dtype=sampler.lm_head.weight.dtype, device=dev, max_slots=num_slots,
+            max_rows=num_slots, max_width=width, slot_blocks=slot_blocks, prefix_blocks=prefix_blocks,
+            backend=sampler.backend)
+        n = num_slots
+        # Per-slot decode state (slot i of the current layout); row n of the outputs is "no slot".
+        self.token_in = torch.zeros(n, dtype=torch.long, device=dev)     # last drawn token: next input
+        self.gen = torch.zeros(n, dtype=torch.long, device=dev)          # tokens the branch generated
+        self.limits = torch.ones(n, dtype=torch.long, device=dev)
+        self.temps = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.keys = torch.zeros(n, dtype=torch.long, device=dev)
+        self.base = torch.zeros(n, dtype=torch.long, device=dev)         # position of the branch's KV token 0
+        self.is_select = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.out_rows = torch.full((n,), n, dtype=torch.long, device=dev)
+        self.finished = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.out_tokens = torch.zeros(n + 1, out_width, dtype=torch.long, device=dev)
+        self.out_logprobs = torch.zeros(n + 1, out_width, dtype=torch.float32, device=dev)
+        self.stop_ids = torch.tensor(sampler.stop_ids, dtype=torch.long, device=dev)
+        self.runner = _GraphRunner(self.decode_forward, use_graphs)
+
+    def fits(self, *, num_slots: int, width: int, block: int, out_width: int, num_blocks: int, slot_blocks: int,
+             prefix_blocks: int, use_graphs: bool) -> bool:
+        """Whether a call with these sizes can run on this engine (tables widen on demand)."""
+        return (self.sizes == dict(num_slots=num_slots, width=width, block=block, use_graphs=use_graphs)
+                and self.out_width >= out_width and self.cache.num_blocks >= num_blocks
+                and self.stop_ids.tolist() == self.s.stop_ids)
+
+    def decode_forward(self, n: int) -> torch.Tensor:
+        """One decode forward of slots [0, n) -> logits [n, V] float32. Device work only on
+        fixed buffers (graph-capturable)."""
+        cache = self.cache
+        positions = self.base[:n] + cache.slot_lens[:n]                           # [n]
+        cache.begin_decode(n)
+        hidden = self.s._forward(cache, positions[:, None], input_ids=self.token_in[:n, None])  # [n, 1, D]
+        cache.end_decode()
+        return self.s.lm_head(hidden[:, -1]).float()
 
 
 class _GraphRunner:

@@ -371,6 +371,7 @@ def test_questions_join_as_slots_free_with_the_same_samples(setup):
     assert stats["slots"] == 3 and stats["prefill_forwards"] == 6    # one admission per question
     assert stats["generated_tokens"] == sum(lengths) and stats["decode_tokens"] == sum(lengths) - 18
     assert _occupancy(stats) > _occupancy(grouped_stats)
+    assert stats["steady_decode_steps"] > 0 and _occupancy(stats) < stats["steady_occupancy"] <= 1
 
 
 def test_a_short_kv_pool_preempts_and_gives_the_same_samples(setup):
