@@ -304,9 +304,11 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _auto_num_splits(device: torch.device, programs: int, max_keys: int) -> int:
+def auto_num_splits(device: torch.device, programs: int, max_keys: int) -> int:
     """Split the key length only when the (question, KV head, row block) programs underfill the
-    GPU, and keep every split at least 256 keys long. Shape-only: no host sync."""
+    GPU, and keep every split at least 256 keys long. Shape-only: no host sync. (Callers that
+    know how many programs do real work, e.g. a sampler whose question table has empty rows,
+    pass that count and give the result to the launcher as num_splits.)"""
     if device.type != "cuda" or _interpreting():
         return 1
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
@@ -356,7 +358,7 @@ def cascade_decode_fwd(q, prefix_k=None, prefix_v=None, prefix_lens=None,
     config = _launch_config(num_branches * group, head_dim, upcast)
     m_blocks = triton.cdiv(num_branches * group, config["BLOCK_M"])
     if num_splits is None:
-        num_splits = _auto_num_splits(device, num_q * num_kv_heads * m_blocks,
+        num_splits = auto_num_splits(device, num_q * num_kv_heads * m_blocks,
                                       max(prefix_max, suffix_max))
     block_n = config["BLOCK_N"]
     # Each split covers a whole number of key blocks.
@@ -434,7 +436,7 @@ def paged_cascade_decode_fwd(q, k_pool, v_pool, question_slots, prefix_tables, p
     config = _launch_config(width * group, head_dim, upcast)
     m_blocks = triton.cdiv(width * group, config["BLOCK_M"])
     if num_splits is None:
-        num_splits = _auto_num_splits(device, num_rows * num_kv_heads * m_blocks, max(prefix_cap, suffix_cap))
+        num_splits = auto_num_splits(device, num_rows * num_kv_heads * m_blocks, max(prefix_cap, suffix_cap))
     block_n = config["BLOCK_N"]
     prefix_chunk = triton.cdiv(triton.cdiv(max(prefix_cap, 1), num_splits), block_n) * block_n
     suffix_chunk = triton.cdiv(triton.cdiv(max(suffix_cap, 1), num_splits), block_n) * block_n

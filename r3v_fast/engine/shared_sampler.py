@@ -764,10 +764,24 @@ class _Engine:
                 and self.out_width >= out_width and self.cache.num_blocks >= num_blocks
                 and self.stop_ids.tolist() == self.s.stop_ids)
 
+    def _num_splits(self, n: int) -> int | None:
+        """Key-length splits for the Triton kernel at n slots. The question table has a row per
+        slot, most of them empty, so the kernel's own rule (which counts all rows) would not
+        split; the rows that do work are about n / width."""
+        if self.s.device.type != "cuda":
+            return None
+        from r3v_fast.kernels.cascade_attention import auto_num_splits
+
+        cache = self.cache
+        rows = -(-n // self.sizes["width"])
+        keys = max(cache.prefix_tables.shape[1], cache.slot_tables.shape[1]) * cache.block_size
+        return auto_num_splits(self.s.device, rows * cache.layers[0].key_pool.shape[1], keys)
+
     def decode_forward(self, n: int) -> torch.Tensor:
         """One decode forward of slots [0, n) -> logits [n, V] float32. Device work only on
         fixed buffers (graph-capturable)."""
         cache = self.cache
+        cache.num_splits = self._num_splits(n)
         positions = self.base[:n] + cache.slot_lens[:n]                           # [n]
         cache.begin_decode(n)
         hidden = self.s._forward(cache, positions[:, None], input_ids=self.token_in[:n, None])  # [n, 1, D]

@@ -129,6 +129,7 @@ class PagedPrefixCache(Cache):
         self._write_block = torch.zeros(max_slots, **i64)
         self._write_offset = torch.zeros(max_slots, **i64)
         self._slots = 0
+        self.num_splits: int | None = None     # key-length splits of the Triton kernel (None: its own rule)
         self.set_view()
         self._write: tuple[torch.Tensor, torch.Tensor] | None = None
         self._extend: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -231,7 +232,7 @@ class PagedPrefixCache(Cache):
                 query[:, :, 0], layer.key_pool, layer.value_pool, self.question_slots[:rows],
                 self.prefix_tables[:rows, :self._view_prefix], self.prefix_lens[:rows],
                 self.slot_tables[:n, :self._view_slot], self._read_lens[:n], scale=scaling,
-                backend=self.backend)                                        # [n, H, Dh]
+                num_splits=self.num_splits, backend=self.backend)            # [n, H, Dh]
             return out.unsqueeze(1)                                          # [n, 1, H, Dh]
         raise RuntimeError("PagedPrefixCache: attention called with no mode set")
 

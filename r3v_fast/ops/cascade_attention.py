@@ -19,8 +19,9 @@ buffer) go in without copies. The functions are inference-only (no autograd) and
 synchronisation, so lengths are not range-checked against the data.
 
 Backends (docs/architecture.md): "triton" (CUDA; or CPU tensors under TRITON_INTERPRET=1),
-"torch" (the reference, also the CPU path), chosen by the shared rule of
-r3v_fast/ops/backend.py; this op has no C++ kernel, so R3V_BACKEND=cpp means its torch path.
+"torch" (the reference), chosen by the shared rule of r3v_fast/ops/backend.py. The dense op has
+no C++ kernel, so R3V_BACKEND=cpp means its torch path; the paged op has one (float32, the CPU
+path of the continuous sampler, csrc/paged_attention.cpp).
 
 ``cascade_decode_attention`` is registered as the custom op ``r3v::cascade_decode_attention``
 (with a fake kernel for torch.compile and meta tensors; checked with torch.library.opcheck),
@@ -55,6 +56,17 @@ from r3v_fast.reference import cascade_attention as _reference
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     return resolve_backend("cascade attention", backend, device, has_cpp=False)
+
+
+def _resolve_paged_backend(backend: str, q: Tensor) -> str:
+    """The paged op has a C++ kernel (float32 only): "auto" takes it for float32 CPU inputs when
+    built and the torch path for other dtypes; an explicit "cpp" with another dtype raises."""
+    chosen = resolve_backend("paged cascade attention", backend, q.device, has_cpp=True)
+    if chosen == "cpp" and q.dtype != torch.float32:
+        if backend != "auto":
+            raise ValueError(f"paged cascade attention: the cpp backend takes float32, got {q.dtype}")
+        return "torch"
+    return chosen
 
 
 def _check(cond: bool, message: str) -> None:
@@ -192,6 +204,10 @@ def _paged_cascade_decode_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, question
         return _reference.paged_cascade_decode_attention(
             q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens,
             scale=scale, return_lse=True)
+    if backend == "cpp":
+        from r3v_fast.ops import cpp_backend
+        return cpp_backend.paged_cascade_decode_attention(q, k_pool, v_pool, question_slots, prefix_tables,
+                                                          prefix_lens, slot_tables, slot_lens, scale)
     from r3v_fast.kernels.cascade_attention import paged_cascade_decode_fwd
     return paged_cascade_decode_fwd(q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens,
                                     slot_tables, slot_lens, scale=scale, num_splits=num_splits or None,
@@ -218,7 +234,7 @@ def paged_cascade_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, qu
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = torch.ops.r3v.paged_cascade_decode_attention(
         q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens, scale,
-        num_splits or 0, _resolve_backend(backend, q.device))
+        num_splits or 0, _resolve_paged_backend(backend, q))
     return (o, lse) if return_lse else o
 
 

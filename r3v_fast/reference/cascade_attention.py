@@ -187,8 +187,9 @@ def naive_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix
 
 def _gather_blocks(pool: Tensor, tables: Tensor) -> Tensor:
     """pool [NB, Hkv, BS, Dh], tables [..., B] -> [..., Hkv, B * BS, Dh]: the tokens of each table
-    row in order (a copy)."""
-    blocks = pool[tables.long()]                                    # [..., B, Hkv, BS, Dh]
+    row in order (a copy). index_select copies whole blocks: on the CPU several times faster
+    than advanced indexing, which computes an offset per element."""
+    blocks = pool.index_select(0, tables.reshape(-1).long()).view(*tables.shape, *pool.shape[1:])
     blocks = blocks.movedim(-3, -4)                                 # [..., Hkv, B, BS, Dh]
     return blocks.reshape(*blocks.shape[:-3], -1, blocks.shape[-1])
 
@@ -211,10 +212,14 @@ def _own_token_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, slot_tables:
     seg = torch.repeat_interleave(torch.arange(num_slots, device=device), lens)   # [T] slot of each token
     pos = torch.arange(seg.numel(), device=device) - (torch.cumsum(lens, 0) - lens)[seg]
     block = slot_tables.long()[seg, pos // block_size]                            # [T]
-    keys = k_pool[block, :, pos % block_size].to(dtype)                           # [T, Hkv, Dh]
-    values = v_pool[block, :, pos % block_size].to(dtype)
-    queries = q.to(dtype).view(num_slots, num_kv_heads, group, head_dim)[seg]     # [T, Hkv, G, Dh]
-    scores = torch.einsum("tkgd,tkd->tkg", queries, keys) * scale                 # [T, Hkv, G]
+    # Row of (token, KV head) in the pool viewed as [NB * Hkv * BS, Dh]: whole-row copies.
+    heads = torch.arange(num_kv_heads, device=device)
+    rows = ((block[:, None] * num_kv_heads + heads) * block_size + (pos % block_size)[:, None]).reshape(-1)
+    keys = k_pool.reshape(-1, head_dim).index_select(0, rows).view(-1, num_kv_heads, head_dim).to(dtype)
+    values = v_pool.reshape(-1, head_dim).index_select(0, rows).view(-1, num_kv_heads, head_dim).to(dtype)
+    queries = q.to(dtype).view(num_slots, num_kv_heads, group, head_dim).index_select(0, seg)  # [T, Hkv, G, Dh]
+    # A product and a sum rather than einsum, which would run T * Hkv tiny matrix products.
+    scores = (queries * keys[:, :, None]).sum(-1) * scale                         # [T, Hkv, G]
     row_max = torch.full((num_slots, num_kv_heads, group), float("-inf"), dtype=dtype, device=device)
     row_max = row_max.scatter_reduce(0, seg[:, None, None].expand_as(scores), scores, "amax")
     row_max = torch.where(torch.isinf(row_max), 0.0, row_max)                     # no key: finite stand-in

@@ -455,6 +455,22 @@ def test_triton_cascade_backend_gives_the_same_branches(setup, kind):
             torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)
 
 
+@qwen_only
+def test_cpp_paged_attention_gives_the_same_branches(setup):
+    """The continuous sampler's CPU path ("auto": the C++ paged kernel when built) against the
+    torch path."""
+    from r3v_fast.ops import cpp_backend
+
+    if not cpp_backend.available():
+        pytest.skip("needs the C++ extension")
+    model, processor, _, requests = setup
+    params = SamplingParams(k=3, temperature=1.0, max_new_tokens=8, seed=3)
+    by_backend = {backend: SharedPrefixSampler(model, processor, batch_size=2, show_progress=False,
+                                               backend=backend)._sample_branches(requests, params)
+                  for backend in ("torch", "cpp")}
+    _same_branches(by_backend["cpp"], by_backend["torch"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decoding_equals_eager_and_generate(tiny_qwen2vl_dir, rgb_images, tmp_path, kind):

@@ -184,6 +184,13 @@ def test_torch_low_precision_within_twice_eager_error(dtype):
 
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+try:
+    from r3v_fast.ops import cpp_backend
+    CPP_BUILT = cpp_backend.available()
+except ImportError:
+    CPP_BUILT = False
+needs_cpp = pytest.mark.skipif(not CPP_BUILT or DEVICE != "cpu", reason="needs the C++ extension (CPU)")
+PAGED_BACKENDS = BACKENDS + [pytest.param("cpp", marks=needs_cpp)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -443,7 +450,7 @@ PAGED_CASES = [
 PAGED_IDS = [c[0] for c in PAGED_CASES]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
 @pytest.mark.parametrize("case", PAGED_CASES, ids=PAGED_IDS)
 def test_paged_matches_float64_attention(case, backend):
     _, slots, prefix_lens, slot_lens, block_size, num_heads, num_kv_heads, head_dim = case
@@ -485,7 +492,7 @@ def test_paged_low_precision_within_twice_eager_error(dtype, backend):
     _assert_paged_accurate(out, args, dtype, 1 / math.sqrt(40), f"{backend} paged {dtype}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
 def test_paged_equals_the_dense_cascade_on_the_same_tokens(backend):
     """Copying the blocks into the dense layout and running the dense op gives the same result."""
     args = _make_paged_case([[2, 0, 1], [3, 4, -1]], [45, 20], [3, 0, 9, 12, 1], block_size=8, seed=4)
@@ -496,9 +503,27 @@ def test_paged_equals_the_dense_cascade_on_the_same_tokens(backend):
     dense = ops.cascade_decode_attention(
         q[dense_slots], gather(k_pool, prefix_tables), gather(v_pool, prefix_tables), prefix_lens,
         gather(k_pool, slot_tables[dense_slots]), gather(v_pool, slot_tables[dense_slots]),
-        torch.where(slots >= 0, slot_lens[dense_slots], 0), backend=backend)
+        torch.where(slots >= 0, slot_lens[dense_slots], 0),
+        backend="torch" if backend == "cpp" else backend)                           # the dense op has no cpp
     listed = slots >= 0
     torch.testing.assert_close(paged[dense_slots[listed]], dense[listed], rtol=1e-6, atol=1e-6)
+
+
+@needs_cpp
+def test_paged_cpp_takes_views_and_rejects_what_it_cannot_run():
+    """Column slices of the tables (what the sampler's cache passes) give the same result as
+    copies; an explicit cpp request in float16 raises, "auto" then takes the torch path."""
+    args = _make_paged_case([[0, 2], [1, -1]], [40, 9], [5, 30, 17], block_size=8, seed=6)
+    q, k_pool, v_pool, slots, prefix_tables, prefix_lens, slot_tables, slot_lens = args
+    wide = lambda t: torch.cat([t, torch.zeros_like(t)], 1)[:, :t.shape[1]]  # noqa: E731  a strided view
+    views = (q, k_pool, v_pool, slots, wide(prefix_tables), prefix_lens, wide(slot_tables), slot_lens)
+    assert not views[4].is_contiguous()
+    torch.testing.assert_close(ops.paged_cascade_decode_attention(*views, backend="cpp"),
+                               ops.paged_cascade_decode_attention(*args, backend="cpp"), rtol=0, atol=0)
+    half = [t.half() if t.is_floating_point() else t for t in args]
+    with pytest.raises(ValueError, match="cpp backend takes float32"):
+        ops.paged_cascade_decode_attention(*half, backend="cpp")
+    assert ops.paged_cascade_decode_attention(*half, backend="auto").dtype == torch.float16
 
 
 def test_paged_bad_inputs_name_the_argument():
