@@ -1,8 +1,8 @@
 """Grouped shared-prefix sampler: groups of questions prefilled together, decoded to the end.
 
-The first shared-prefix scheduler (docs/architecture.md, "Sampling"); the continuous-batching
-``SharedPrefixSampler`` (r3v_fast.engine.shared_sampler) replaces it as ``--sampler shared``,
-and this one stays as its baseline in tests and benchmarks. Common parts (public API, prompt
+The first shared-prefix scheduler (docs/architecture.md, "The three seams"); the
+continuous-batching ``SharedPrefixSampler`` (r3v_fast.engine.shared_sampler) replaces it as
+``--sampler shared``, and this one stays as its baseline in tests and benchmarks. Common parts (public API, prompt
 plumbing, positions, random draws) live in r3v_fast.engine.prefix_sampling.
 
 1. **Prefill once.** The prompts of a group of questions are prefilled together (right-padded,

@@ -1,8 +1,8 @@
 """What the two shared-prefix samplers have in common: the public API and the prompt plumbing.
 
-Shared-prefix sampling (docs/architecture.md, "Sampling") prefills each image + question once
-and decodes its K branches against one copy of that prefix's KV. Two samplers do it, and
-differ only in how they schedule the work:
+Shared-prefix sampling (docs/architecture.md, "Where the time and memory go") prefills each
+image + question once and decodes its K branches against one copy of that prefix's KV. Two
+samplers do it, and differ only in how they schedule the work:
 
 - ``SharedPrefixSampler`` (r3v_fast.engine.shared_sampler, ``--sampler shared``): continuous
   batching over a paged KV pool; a fixed number of decode slots stays busy as branches end.

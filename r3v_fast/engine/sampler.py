@@ -12,9 +12,10 @@ through ``Sampler.sample``. Two implementations plug in behind it:
 Sampling follows the public R³V setting by default: K = 3, temperature 0.9, top-p 0.95,
 top-k 50, up to 384 new tokens. Temperature 0 means greedy (Pass@1 uses K = 1, greedy).
 
-Random draws are batch-independent (docs/architecture.md, "Sampling"): a request's samples
-depend only on (params.seed, request.key, branch index), never on which other requests share
-its batch, group, rank or admission order. Both samplers draw the same way, defined once here:
+Random draws are batch-independent (the sampler seam of docs/architecture.md, "The three
+seams"): a request's samples depend only on (params.seed, request.key, branch index), never on
+which other requests share its batch, group, rank or admission order. Both samplers draw the
+same way, defined once here:
 
 - the distribution is transformers' own: logits / temperature, then top-k, then top-p
   (``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``);

@@ -1,9 +1,10 @@
 """Shared-prefix sampler (``--sampler shared``): continuous batching over a paged KV pool.
 
 K solutions per question share one prefill of the image + question (docs/architecture.md,
-"Sampling"): each branch attends to its question's prefix KV, stored once, plus its own tokens.
-Rationales differ in length from a few dozen to hundreds of tokens, so a batch that decodes
-until its longest branch ends spends its tail at low occupancy. Here the batch never waits:
+"Where the time and memory go"): each branch attends to its question's prefix KV, stored
+once, plus its own tokens. Rationales differ in length from a few dozen to hundreds of
+tokens, so a batch that decodes until its longest branch ends spends its tail at low
+occupancy. Here the batch never waits:
 
 - **Decode slots.** A fixed number of slots (``max_slots``) decode one token each per forward.
   When a branch ends, its slot takes the next branch: a waiting branch of a question already
@@ -568,8 +569,8 @@ class _Run:
         positions = starts[:, None] + torch.arange(width, device=device)                  # [B, S]
         blocks, offsets = self._destinations([(b.blocks, 0, len(b.prompt_tokens)) for b in branches], width)
         prefix_width = max(len(b.question.prefix_blocks) for b in branches)
-        tables = torch.tensor([b.question.prefix_blocks + [SCRATCH_BLOCK] * (prefix_width - len(b.question.prefix_blocks))
-                               for b in branches], device=device)
+        tables = torch.tensor([q.prefix_blocks + [SCRATCH_BLOCK] * (prefix_width - len(q.prefix_blocks))
+                               for q in (b.question for b in branches)], device=device)   # [B, MPB]
         new_lens = torch.tensor([len(b.prompt_tokens) for b in branches], device=device)
         self.cache.begin_extend(blocks, offsets, tables, torch.tensor([b.question.shared for b in branches],
                                                                         device=device), new_lens)

@@ -1,8 +1,8 @@
 """Paged shared-prefix KV cache: every prefix and every branch in fixed-size blocks of one pool.
 
 The continuous-batching sampler (r3v_fast.engine.shared_sampler, docs/architecture.md,
-"Sampling") keeps a fixed number of decode slots busy: when a branch ends its slot takes a
-branch of another question, and when all of a question's branches end its prefix is freed and
+"Where the time and memory go") keeps a fixed number of decode slots busy: when a branch ends
+its slot takes a branch of another question, and when all of a question's branches end its prefix is freed and
 a waiting question is prefilled in its place. For that, KV memory must not be one contiguous
 buffer per group sized by its longest branch. Here it is a pool of blocks:
 

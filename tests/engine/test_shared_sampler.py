@@ -398,7 +398,8 @@ def test_kv_blocks_follow_the_tokens_held(setup):
     its blocks are freed when it ends, and every decode step has all slots busy."""
     model, processor, _, requests = setup
     text = model.config.get_text_config()
-    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * 4     # fp32 K and V
     lengths = [len(_inputs(processor, r)["input_ids"][0]) for r in requests]
     sampler = _sampler("continuous", model, processor, max_slots=3, kv_block_size=4, sync_every=2)
     sampler.stop_ids = []
