@@ -756,7 +756,9 @@ class _Engine:
         self.out_tokens = torch.zeros(n + 1, out_width, dtype=torch.long, device=dev)
         self.out_logprobs = torch.zeros(n + 1, out_width, dtype=torch.float32, device=dev)
         self.stop_ids = torch.tensor(sampler.stop_ids, dtype=torch.long, device=dev)
-        self.runner = _GraphRunner(self.decode_forward, use_graphs)
+        # A failed capture turns graphs off for the sampler too (later engines decode eagerly).
+        self.runner = _GraphRunner(self.decode_forward, use_graphs,
+                                   on_failure=lambda: setattr(sampler, "cuda_graphs", False))
 
     def fits(self, *, num_slots: int, width: int, block: int, out_width: int, num_blocks: int, slot_blocks: int,
              prefix_blocks: int, use_graphs: bool) -> bool:
@@ -800,8 +802,8 @@ class _GraphRunner:
     capture fails, decoding goes on eagerly.
     """
 
-    def __init__(self, forward, use_graph: bool):
-        self.forward, self.use_graph = forward, use_graph
+    def __init__(self, forward, use_graph: bool, on_failure=None):
+        self.forward, self.use_graph, self.on_failure = forward, use_graph, on_failure
         self.pool = None
         self.reset()
 
@@ -843,5 +845,7 @@ class _GraphRunner:
             warnings.warn(f"shared-prefix sampler: CUDA graph capture failed ({err}); decoding eagerly",
                           RuntimeWarning, stacklevel=3)
             self.use_graph = False
+            if self.on_failure is not None:
+                self.on_failure()
             return
         self.graphs[n] = (graph, logits)
