@@ -5,7 +5,10 @@ Compared in the same run, on the same inputs (uniform lengths, so every baseline
 CPU (always; fp32, Q=4 questions, K = 3 and 8, Qwen2-VL-2B heads, P=1000, S=125):
     torch_cascade   r3v_fast reference cascade: [K*G, Dh] queries read the prefix once
     torch_paged     the same tokens in 16-token blocks of a pool (the continuous sampler's
-                    layout), the torch path of the paged op
+                    layout), the torch path of the paged op (a gather of every valid own token
+                    and a segment softmax: made for short, ragged branches, so slower than the
+                    dense bmm path at these uniform lengths)
+    cpp_paged       the paged op's C++ kernel (the continuous sampler's CPU path), if built
     torch_naive     per-branch full attention over a freshly concatenated [prefix; suffix]
                     (K copies of the prefix)
 GPU (CUDA only; bf16, Q=32, K=8, H=12, Hkv=2, Dh=128, P=1000, S=125 = the mean step of a
@@ -120,6 +123,11 @@ def implementations(args, device):
         "torch_paged": lambda: ops.paged_cascade_decode_attention(*paged, backend="torch"),
         "torch_naive": lambda: reference.naive_decode_attention(*args),
     }
+    if device == "cpu":
+        from r3v_fast.ops import cpp_backend
+
+        if cpp_backend.available():
+            impls["cpp_paged"] = lambda: ops.paged_cascade_decode_attention(*paged, backend="cpp")
     if device == "cuda":
         impls = {
             "triton": lambda: ops.cascade_decode_attention(*args, backend="triton"),
@@ -230,8 +238,10 @@ def test_cpu_cascade_vs_naive(num_branches, benchmark):
     impls = implementations(args, "cpu")
     results = {name: {"us": cpu_us(fn)} for name, fn in impls.items()}
     torch.testing.assert_close(impls["torch_cascade"](), impls["torch_naive"](), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(impls["torch_paged"]().view(args[0].shape), impls["torch_cascade"](),
-                               rtol=1e-4, atol=1e-5)
+    for name in ("torch_paged", "cpp_paged"):
+        if name in impls:
+            torch.testing.assert_close(impls[name]().view(args[0].shape), impls["torch_cascade"](),
+                                       rtol=1e-4, atol=1e-5)
     benchmark.pedantic(impls["torch_cascade"], rounds=3, warmup_rounds=1)
     _record(f"cpu_k{num_branches}", "cpu", shape, args, results, "torch_cascade")
 

@@ -8,9 +8,9 @@
 // softmax of FlashAttention, exact up to rounding). Only valid tokens are touched: a long
 // branch costs its own slot, not every slot.
 //
-// Numerics: fp32 throughout (scores, exponentials, sums, accumulators); no fast-math. Each
-// output depends only on its own row's data, in a fixed order: results do not depend on the
-// thread count.
+// Numerics: fp32 throughout (scores, exponentials, sums, accumulators); no fast-math. Dot
+// products sum 16 interleaved partial sums, then those in order. Each output depends only on
+// its own row's data, in a fixed order: results do not depend on the thread count.
 #include "paged_attention.h"
 
 #include <algorithm>
@@ -26,6 +26,21 @@ namespace r3v {
 namespace {
 
 constexpr int64_t kChunk = 64;
+constexpr int kLanes = 16;
+
+// Dot product with kLanes independent partial sums (vectorizable without reassociating the
+// compiler's way: the lanes and their final sum have a fixed order, so results do not depend
+// on the build's SIMD width).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    for (int i = 0; i < kLanes; ++i) lanes[i] += a[d + i] * b[d + i];
+  float sum = 0.0f;
+  for (; d < n; ++d) sum += a[d] * b[d];
+  for (int i = 0; i < kLanes; ++i) sum += lanes[i];
+  return sum;
+}
 
 // Running softmax state of one query row.
 struct RowState {
@@ -46,10 +61,7 @@ void fold(const PagedAttentionProblem& p, const std::vector<const float*>& queri
       const float* q = queries[r];
       float chunk_max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
-        const float* k = p.k_pool + token(c0 + j);
-        float dot = 0.0f;
-        for (int64_t d = 0; d < dh; ++d) dot += q[d] * k[d];
-        scores[j] = dot * p.scale;
+        scores[j] = dot(q, p.k_pool + token(c0 + j), dh) * p.scale;
         chunk_max = std::max(chunk_max, scores[j]);
       }
       RowState& st = state[r];
