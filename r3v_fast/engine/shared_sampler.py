@@ -333,7 +333,12 @@ class _Run:
         self._start_ready()
         self._start_selects()
         self._admit()
+        preempted = self.stats["preemptions"]
         self._reserve()
+        if self.stats["preemptions"] > preempted:   # blocks came free: branches that waited may start
+            self._start_ready()
+            self._start_selects()
+            self._reserve()
         self._upload()
 
     def _peek_prompt_tokens(self) -> int:
