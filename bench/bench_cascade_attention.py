@@ -1,15 +1,22 @@
-"""Microbenchmark of cascade decode attention (issue 7): one decode step of K branches/question.
+"""Microbenchmark of cascade decode attention: one decode step of K branches per question.
 
 Compared in the same run, on the same inputs (uniform lengths, so every baseline is exact):
 
 CPU (always; fp32, Q=4 questions, K = 3 and 8, Qwen2-VL-2B heads, P=1000, S=125):
     torch_cascade   r3v_fast reference cascade: [K*G, Dh] queries read the prefix once
+    torch_paged     the same tokens in 16-token blocks of a pool (the continuous sampler's
+                    layout), the torch path of the paged op (a gather of every valid own token
+                    and a segment softmax: made for short, ragged branches, so slower than the
+                    dense bmm path at these uniform lengths)
+    cpp_paged       the paged op's C++ kernel (the continuous sampler's CPU path), if built
     torch_naive     per-branch full attention over a freshly concatenated [prefix; suffix]
                     (K copies of the prefix)
 GPU (CUDA only; bf16, Q=32, K=8, H=12, Hkv=2, Dh=128, P=1000, S=125 = the mean step of a
 250-token decode):
     triton          r3v_fast cascade kernel (auto split-K)
     triton_nosplit  the same with num_splits=1
+    triton_paged    the paged cascade kernel on the same tokens in 16-token blocks (auto
+                    split-K; and _nosplit): the cost of reading through block tables
     torch_cascade   the reference cascade on the GPU
     sdpa_k_copies   what K separate sequences do: each branch's cache holds its own copy of the
                     prefix ([Q*K, Hkv, P+S, Dh], already materialized), one SDPA call (GQA)
@@ -82,15 +89,52 @@ def sdpa_k_copies_setup(args):
     return lambda: F.scaled_dot_product_attention(q_rows, k_cache, v_cache, enable_gqa=True)
 
 
+def paged_args(args, block_size=16, seed=0):
+    """The same tokens in the continuous sampler's layout: a pool of block_size-token blocks
+    handed out in shuffled order, one question row per question, branch b of question q in
+    slot q * K + b. -> the arguments of ops.paged_cascade_decode_attention."""
+    q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens = args
+    num_q, num_branches, num_heads, head_dim = q.shape
+    num_kv_heads, p_max, s_max = prefix_k.shape[1], prefix_k.shape[2], suffix_k.shape[3]
+    prefix_blocks, suffix_blocks = -(-p_max // block_size), -(-s_max // block_size)
+    total = 1 + num_q * prefix_blocks + num_q * num_branches * suffix_blocks
+    order = torch.randperm(total - 1, generator=torch.Generator().manual_seed(seed)).add(1).to(q.device)
+    prefix_tables = order[:num_q * prefix_blocks].view(num_q, prefix_blocks)
+    slot_tables = order[num_q * prefix_blocks:].view(num_q * num_branches, suffix_blocks)
+    pools = []
+    for prefix, suffix in ((prefix_k, suffix_k), (prefix_v, suffix_v)):
+        pool = torch.zeros(total, num_kv_heads, block_size, head_dim, dtype=q.dtype, device=q.device)
+        padded = torch.nn.functional.pad(prefix, (0, 0, 0, prefix_blocks * block_size - p_max))
+        pool[prefix_tables.flatten()] = (padded.view(num_q, num_kv_heads, prefix_blocks, block_size, head_dim)
+                                         .transpose(1, 2).flatten(0, 1))
+        padded = torch.nn.functional.pad(suffix, (0, 0, 0, suffix_blocks * block_size - s_max)).flatten(0, 1)
+        pool[slot_tables.flatten()] = (padded.view(-1, num_kv_heads, suffix_blocks, block_size, head_dim)
+                                       .transpose(1, 2).flatten(0, 1))
+        pools.append(pool)
+    question_slots = torch.arange(num_q * num_branches, device=q.device).view(num_q, num_branches)
+    return (q.flatten(0, 1), *pools, question_slots.int(), prefix_tables.int(), prefix_lens,
+            slot_tables.int(), suffix_lens.flatten())
+
+
 def implementations(args, device):
+    paged = paged_args(args)
     impls = {
         "torch_cascade": lambda: ops.cascade_decode_attention(*args, backend="torch"),
+        "torch_paged": lambda: ops.paged_cascade_decode_attention(*paged, backend="torch"),
         "torch_naive": lambda: reference.naive_decode_attention(*args),
     }
+    if device == "cpu":
+        from r3v_fast.ops import cpp_backend
+
+        if cpp_backend.available():
+            impls["cpp_paged"] = lambda: ops.paged_cascade_decode_attention(*paged, backend="cpp")
     if device == "cuda":
         impls = {
             "triton": lambda: ops.cascade_decode_attention(*args, backend="triton"),
             "triton_nosplit": lambda: ops.cascade_decode_attention(*args, num_splits=1, backend="triton"),
+            "triton_paged": lambda: ops.paged_cascade_decode_attention(*paged, backend="triton"),
+            "triton_paged_nosplit": lambda: ops.paged_cascade_decode_attention(*paged, num_splits=1,
+                                                                               backend="triton"),
             **impls,
             "sdpa_k_copies": sdpa_k_copies_setup(args),
         }
@@ -194,6 +238,10 @@ def test_cpu_cascade_vs_naive(num_branches, benchmark):
     impls = implementations(args, "cpu")
     results = {name: {"us": cpu_us(fn)} for name, fn in impls.items()}
     torch.testing.assert_close(impls["torch_cascade"](), impls["torch_naive"](), rtol=1e-4, atol=1e-5)
+    for name in ("torch_paged", "cpp_paged"):
+        if name in impls:
+            torch.testing.assert_close(impls[name]().view(args[0].shape), impls["torch_cascade"](),
+                                       rtol=1e-4, atol=1e-5)
     benchmark.pedantic(impls["torch_cascade"], rounds=3, warmup_rounds=1)
     _record(f"cpu_k{num_branches}", "cpu", shape, args, results, "torch_cascade")
 

@@ -6,7 +6,11 @@
 #    (editable, no build isolation; the C++ extension is optional);
 # 2. runs the op's tests on the GPU (every test of tests/ops/test_segment_logprob.py runs on
 #    CUDA tensors there: fp32/fp16/bf16, int64 offsets, no-sync check, Inductor);
-# 3. runs the GPU benchmark and the per-kernel profile of the fused loss.
+# 3. runs the GPU benchmark and the per-kernel profile of the fused loss;
+# 4. runs the cascade attention and sampler tests on CUDA, and their GPU benchmarks (the sampler
+#    benchmark: continuous shared vs grouped vs hf on the Qwen2-VL-2B shape, forced lengths
+#    uniform 64-384, K = 8; results in bench/results/sampler.json);
+# 5. runs the tree-packing tests and benchmark.
 # Writes bench/results/<device>.json, bench/results/gpu_tests.xml, bench/results/gpu_check.log.
 # Exit status: non-zero if the install, a test or a benchmark failed (the later steps still run).
 set -uo pipefail
@@ -60,10 +64,13 @@ python -m pytest bench/bench_segment_logprob_gpu.py -q -s -rs -p no:cacheprovide
 echo "== per-kernel profile of the fused loss (R3V_PROFILE_VARIANTS=all for every variant)"
 R3V_PROFILE_VARIANTS="${R3V_PROFILE_VARIANTS:-default,first}" python bench/profile_segment_logprob_gpu.py || status=1
 
-echo "== cascade decode attention + shared-prefix sampler"
-python -m pytest tests/ops/test_cascade_attention.py tests/model/test_prefix_cache.py \
-    tests/engine/test_shared_sampler.py -q -rs -p no:cacheprovider || status=1
-python -m pytest bench/bench_cascade_attention.py bench/bench_sampler.py -q -s -rs -p no:cacheprovider || status=1
+echo "== cascade decode attention (dense + paged) + samplers (continuous, grouped, hf)"
+python -m pytest tests/ops/test_cascade_attention.py tests/model/test_prefix_cache.py tests/model/test_paged_cache.py \
+    tests/engine/test_sampler.py tests/engine/test_shared_sampler.py tests/engine/test_grouped_sampler.py \
+    -q -rs -p no:cacheprovider || status=1
+# GPU parts only: the CPU sampler benchmark (shipped tiny model, natural lengths) runs on the CPU machine.
+python -m pytest bench/bench_cascade_attention.py bench/bench_sampler.py -k gpu -q -s -rs -p no:cacheprovider \
+    || status=1
 
 echo "== tree packing"
 python -m pytest tests/model/test_tree_attention.py tests/engine/test_packing.py tests/test_scoring.py \

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "paged_attention.h"
 #include "token_logprob.h"
 
 namespace py = pybind11;
@@ -64,7 +65,7 @@ float* optional_out(const py::object& a, const char* name, const std::vector<int
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "r3v_fast C++ CPU kernels (fused LM-head token log-likelihood)";
+  m.doc() = "r3v_fast C++ CPU kernels (fused LM-head token log-likelihood, paged cascade decode attention)";
   m.attr("simd") = r3v::simd_name();
 #ifdef _OPENMP
   m.attr("openmp") = true;
@@ -106,6 +107,46 @@ PYBIND11_MODULE(_C, m) {
       py::arg("softcap"), py::arg("out_grad_hidden"), py::arg("out_grad_weight"), py::arg("out_grad_bias"),
       py::arg("num_threads") = 0,
       "Writes the requested gradients (None = skip) of sum(grad_logp * logp) w.r.t. hidden, weight, bias.");
+
+  m.def(
+      "paged_cascade_decode_attention",
+      [](py::array q, py::array k_pool, py::array v_pool, py::array question_slots, py::array prefix_tables,
+         py::array prefix_lens, py::array slot_tables, py::array slot_lens, float scale, py::array out, py::array lse,
+         int num_threads) {
+        if (q.ndim() != 3 || k_pool.ndim() != 4 || question_slots.ndim() != 2 || prefix_tables.ndim() != 2 ||
+            slot_tables.ndim() != 2)
+          throw py::value_error("paged attention: q [S, H, Dh], pools [NB, Hkv, BS, Dh], tables 2-D");
+        r3v::PagedAttentionProblem p{};
+        p.S = q.shape(0), p.H = q.shape(1), p.Dh = q.shape(2);
+        p.NB = k_pool.shape(0), p.Hkv = k_pool.shape(1), p.BS = k_pool.shape(2);
+        p.R = question_slots.shape(0), p.W = question_slots.shape(1);
+        p.MPB = prefix_tables.shape(1), p.MSB = slot_tables.shape(1);
+        if (p.Hkv < 1 || p.H % p.Hkv != 0) throw py::value_error("paged attention: H must be a multiple of Hkv");
+        p.scale = scale;
+        p.q = buffer<float>(q, "q", {p.S, p.H, p.Dh}, false);
+        p.k_pool = buffer<float>(k_pool, "k_pool", {p.NB, p.Hkv, p.BS, p.Dh}, false);
+        p.v_pool = buffer<float>(v_pool, "v_pool", {p.NB, p.Hkv, p.BS, p.Dh}, false);
+        p.question_slots = buffer<int32_t>(question_slots, "question_slots", {p.R, p.W}, false);
+        p.prefix_tables = buffer<int32_t>(prefix_tables, "prefix_tables", {p.R, p.MPB}, false);
+        p.prefix_lens = buffer<int32_t>(prefix_lens, "prefix_lens", {p.R}, false);
+        p.slot_tables = buffer<int32_t>(slot_tables, "slot_tables", {p.S, p.MSB}, false);
+        p.slot_lens = buffer<int32_t>(slot_lens, "slot_lens", {p.S}, false);
+        float* o = buffer<float>(out, "out", {p.S, p.H, p.Dh}, true);
+        float* l = buffer<float>(lse, "lse", {p.S, p.H}, true);
+        // Indices that would read outside the arrays are errors, not undefined behaviour.
+        for (int64_t i = 0; i < p.R * p.W; ++i)
+          if (p.question_slots[i] >= p.S) throw py::value_error("question_slots: slot index out of range");
+        for (int64_t i = 0; i < p.R * p.MPB; ++i)
+          if (p.prefix_tables[i] < 0 || p.prefix_tables[i] >= p.NB) throw py::value_error("prefix_tables: block out of range");
+        for (int64_t i = 0; i < p.S * p.MSB; ++i)
+          if (p.slot_tables[i] < 0 || p.slot_tables[i] >= p.NB) throw py::value_error("slot_tables: block out of range");
+        py::gil_scoped_release release;
+        r3v::paged_cascade_decode_attention(p, o, l, num_threads);
+      },
+      py::arg("q"), py::arg("k_pool"), py::arg("v_pool"), py::arg("question_slots"), py::arg("prefix_tables"),
+      py::arg("prefix_lens"), py::arg("slot_tables"), py::arg("slot_lens"), py::arg("scale"), py::arg("out"),
+      py::arg("lse"), py::arg("num_threads") = 0,
+      "Writes out [S, H, Dh] and lse [S, H]: each listed slot's attention over its row's prefix and its own tokens.");
 
   m.def("token_logprob_workspace_bytes", &r3v::token_logprob_workspace_bytes, py::arg("N"), py::arg("D"), py::arg("V"),
         py::arg("num_threads"), py::arg("backward"), py::arg("need_hidden") = true, py::arg("need_weight") = true,

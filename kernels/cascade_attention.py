@@ -24,8 +24,17 @@ TF32). fp16/bf16 inputs feed the tensor cores natively on GPU; the probabilities
 the value dtype for the P @ V dot, as in FlashAttention. Under TRITON_INTERPRET=1 everything
 is upcast to fp32 right after tl.load (the interpreter has no bf16 arithmetic).
 
-Public entry points: `cascade_decode_fwd` (launcher) and `merge_attention_states_fwd`. Shapes
-and conventions are documented in r3v_fast.reference.cascade_attention.
+Paged variant (`_paged_cascade_decode_fwd_kernel`): the same two phases and split-K, with keys
+and values in fixed-size blocks of one pool (the continuous-batching sampler's cache). A program
+owns one (question row, KV head) pair; its query rows are the question's decode slots, gathered
+through `question_slots`. Each key tile looks up the block of every key position in the block
+table (position // KV_BLOCK) and reads that block's row (position % KV_BLOCK): rows of Dh
+contiguous elements, so the reads stay coalesced whatever the block size. Prefix blocks are read
+once per question, branch blocks once per branch. Slots that no question lists get o = 0.
+
+Public entry points: `cascade_decode_fwd`, `paged_cascade_decode_fwd` (launchers) and
+`merge_attention_states_fwd`. Shapes and conventions are documented in
+r3v_fast.reference.cascade_attention.
 """
 
 from __future__ import annotations
@@ -159,6 +168,103 @@ def _cascade_decode_fwd_kernel(
 
 
 @triton.jit
+def _paged_cascade_decode_fwd_kernel(
+    q_ptr, k_pool_ptr, v_pool_ptr, question_slots_ptr, prefix_tables_ptr, prefix_lens_ptr,
+    slot_tables_ptr, slot_lens_ptr, o_ptr, lse_ptr,
+    stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_rr, stride_rw, stride_pr, stride_pb, stride_ts, stride_tb,
+    stride_os, stride_oslot, stride_oh, stride_od,
+    stride_ls, stride_lslot, stride_lh,
+    num_kv_heads, width, prefix_cap, suffix_cap, head_dim,
+    prefix_chunk, suffix_chunk, qk_scale,
+    KV_BLOCK: tl.constexpr, GROUP: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_rh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    row = (pid_rh // num_kv_heads).to(tl.int64)        # int64: offsets into large pools
+    kv_head = pid_rh % num_kv_heads
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                 # query rows of this block
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = offs_m < width * GROUP
+    d_valid = offs_d < head_dim
+    branch = offs_m // GROUP                                         # [BLOCK_M]
+    head = kv_head * GROUP + offs_m % GROUP                          # [BLOCK_M]
+    slot = tl.load(question_slots_ptr + row * stride_rr + branch * stride_rw, mask=row_in,
+                   other=-1).to(tl.int64)                            # [BLOCK_M]; -1 = no slot
+    has_slot = slot >= 0
+    slot_safe = tl.where(has_slot, slot, 0)
+
+    q = tl.load(q_ptr + slot_safe[:, None] * stride_qs + head[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd, mask=has_slot[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_head = k_pool_ptr + kv_head * stride_kh + offs_d[None, :] * stride_kd
+    v_head = v_pool_ptr + kv_head * stride_vh + offs_d[None, :] * stride_vd
+
+    # 1. the question's prefix, read once for all its slots.
+    prefix_len = tl.minimum(tl.load(prefix_lens_ptr + row), prefix_cap)
+    start = split * prefix_chunk
+    end = tl.minimum(start + prefix_chunk, prefix_len)
+    table = prefix_tables_ptr + row * stride_pr
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        n_valid = pos < end
+        block = tl.load(table + (pos // KV_BLOCK) * stride_pb, mask=n_valid, other=0).to(tl.int64)
+        within = pos % KV_BLOCK
+        m_i, l_i, acc = _online_softmax_step(
+            q, k_head + block[:, None] * stride_kb + within[:, None] * stride_kn,
+            v_head + block[:, None] * stride_vb + within[:, None] * stride_vn,
+            n_valid[:, None] & d_valid[None, :], n_valid[None, :],
+            m_i, l_i, acc, qk_scale, UPCAST, DOT_PRECISION)
+
+    # 2. each slot's own tokens, only against that slot's query rows.
+    first_branch = (pid_m * BLOCK_M) // GROUP
+    last_branch = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, width - 1)
+    for b in range(first_branch, last_branch + 1):
+        own_slot = tl.load(question_slots_ptr + row * stride_rr + b * stride_rw).to(tl.int64)
+        own_safe = tl.maximum(own_slot, 0)
+        own_len = tl.minimum(tl.load(slot_lens_ptr + own_safe), suffix_cap)
+        own_len = tl.where(own_slot >= 0, own_len, 0)
+        start = split * suffix_chunk
+        end = tl.minimum(start + suffix_chunk, own_len)
+        table = slot_tables_ptr + own_safe * stride_ts
+        own_rows = branch == b
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + offs_n
+            n_valid = pos < end
+            block = tl.load(table + (pos // KV_BLOCK) * stride_tb, mask=n_valid, other=0).to(tl.int64)
+            within = pos % KV_BLOCK
+            m_i, l_i, acc = _online_softmax_step(
+                q, k_head + block[:, None] * stride_kb + within[:, None] * stride_kn,
+                v_head + block[:, None] * stride_vb + within[:, None] * stride_vn,
+                n_valid[:, None] & d_valid[None, :], own_rows[:, None] & n_valid[None, :],
+                m_i, l_i, acc, qk_scale, UPCAST, DOT_PRECISION)
+
+    # A row with no key in this split (l = 0) yields o = 0, lse = -inf ("no contribution").
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    o_ptrs = (o_ptr + split * stride_os + slot_safe[:, None] * stride_oslot + head[:, None] * stride_oh
+              + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=has_slot[:, None] & d_valid[None, :])
+    if WRITE_LSE:
+        lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + split * stride_ls + slot_safe * stride_lslot + head * stride_lh, lse,
+                 mask=has_slot)
+
+
+@triton.jit
 def _merge_attention_states_kernel(
     o_parts_ptr, lse_parts_ptr, o_ptr, lse_ptr, num_states, head_dim,
     stride_ps, stride_pr, stride_pd, stride_lps, stride_lpr, stride_or, stride_od, stride_lr,
@@ -198,9 +304,11 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _auto_num_splits(device: torch.device, programs: int, max_keys: int) -> int:
+def auto_num_splits(device: torch.device, programs: int, max_keys: int) -> int:
     """Split the key length only when the (question, KV head, row block) programs underfill the
-    GPU, and keep every split at least 256 keys long. Shape-only: no host sync."""
+    GPU, and keep every split at least 256 keys long. Shape-only: no host sync. (Callers that
+    know how many programs do real work, e.g. a sampler whose question table has empty rows,
+    pass that count and give the result to the launcher as num_splits.)"""
     if device.type != "cuda" or _interpreting():
         return 1
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
@@ -250,7 +358,7 @@ def cascade_decode_fwd(q, prefix_k=None, prefix_v=None, prefix_lens=None,
     config = _launch_config(num_branches * group, head_dim, upcast)
     m_blocks = triton.cdiv(num_branches * group, config["BLOCK_M"])
     if num_splits is None:
-        num_splits = _auto_num_splits(device, num_q * num_kv_heads * m_blocks,
+        num_splits = auto_num_splits(device, num_q * num_kv_heads * m_blocks,
                                       max(prefix_max, suffix_max))
     block_n = config["BLOCK_N"]
     # Each split covers a whole number of key blocks.
@@ -300,6 +408,72 @@ def cascade_decode_fwd(q, prefix_k=None, prefix_v=None, prefix_lens=None,
     if num_splits > 1:
         merge_attention_states_fwd(o_dst.view(num_splits, -1, head_dim),
                                    lse_dst.view(num_splits, -1),
+                                   out=out.view(-1, head_dim),
+                                   lse_out=lse.view(-1) if lse is not None else None)
+    return out, lse
+
+
+def paged_cascade_decode_fwd(q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens,
+                             slot_tables, slot_lens, *, scale=None, num_splits=None,
+                             return_lse=False):
+    """Launch paged cascade decode attention.
+
+    q [S, H, Dh]; k_pool/v_pool [NB, Hkv, BS, Dh]; question_slots [R, W] (-1 = none);
+    prefix_tables [R, MPB] + prefix_lens [R]; slot_tables [S, MSB] + slot_lens [S]. Returns
+    (o [S, H, Dh] in q's dtype, 0 for unlisted slots; lse [S, H] fp32 or None). Inputs are
+    assumed validated by r3v_fast.ops.cascade_attention.
+    """
+    num_slots, num_heads, head_dim = q.shape
+    num_kv_heads, kv_block = k_pool.shape[1], k_pool.shape[2]
+    group = num_heads // num_kv_heads
+    num_rows, width = question_slots.shape
+    prefix_cap = prefix_tables.shape[1] * kv_block
+    suffix_cap = slot_tables.shape[1] * kv_block
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    device = q.device
+
+    upcast = _interpreting() or q.dtype == torch.float32
+    config = _launch_config(width * group, head_dim, upcast)
+    m_blocks = triton.cdiv(width * group, config["BLOCK_M"])
+    if num_splits is None:
+        num_splits = auto_num_splits(device, num_rows * num_kv_heads * m_blocks, max(prefix_cap, suffix_cap))
+    block_n = config["BLOCK_N"]
+    prefix_chunk = triton.cdiv(triton.cdiv(max(prefix_cap, 1), num_splits), block_n) * block_n
+    suffix_chunk = triton.cdiv(triton.cdiv(max(suffix_cap, 1), num_splits), block_n) * block_n
+
+    # Slots that no question lists are never written by the kernel: 0 / -inf from the start.
+    out = torch.zeros(num_slots, num_heads, head_dim, device=device, dtype=q.dtype)
+    lse = (torch.full((num_slots, num_heads), float("-inf"), device=device, dtype=torch.float32)
+           if return_lse else None)
+    if out.numel() == 0 or num_rows == 0:
+        return out, lse
+    if num_splits == 1:
+        o_dst, lse_dst, o_split_stride, lse_split_stride = out, lse, 0, 0
+    else:
+        # fp32 partial states, one per split, merged below; unwritten rows merge to (0, -inf).
+        o_dst = torch.zeros(num_splits, *out.shape, device=device, dtype=torch.float32)
+        lse_dst = torch.full((num_splits, *out.shape[:-1]), float("-inf"), device=device,
+                             dtype=torch.float32)
+        o_split_stride, lse_split_stride = o_dst.stride(0), lse_dst.stride(0)
+    lse_strides = lse_dst.stride()[-2:] if lse_dst is not None else (0, 0)
+    # int32 indices (no-ops for the sampler's cache, which keeps them int32 already).
+    question_slots, prefix_tables, slot_tables = (t.to(torch.int32) for t in (question_slots, prefix_tables,
+                                                                           slot_tables))
+    prefix_lens, slot_lens = prefix_lens.to(torch.int32).contiguous(), slot_lens.to(torch.int32).contiguous()
+    grid = (num_rows * num_kv_heads, m_blocks, num_splits)
+    _paged_cascade_decode_fwd_kernel[grid](
+        q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens, o_dst,
+        lse_dst if lse_dst is not None else out,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(),
+        *question_slots.stride(), *prefix_tables.stride(), *slot_tables.stride(),
+        o_split_stride, *o_dst.stride()[-3:], lse_split_stride, *lse_strides,
+        num_kv_heads, width, prefix_cap, suffix_cap, head_dim,
+        prefix_chunk, suffix_chunk, scale * _LOG2E,
+        KV_BLOCK=kv_block, GROUP=group, WRITE_LSE=lse_dst is not None, UPCAST=upcast,
+        DOT_PRECISION="ieee" if upcast else "tf32", **config,
+    )
+    if num_splits > 1:
+        merge_attention_states_fwd(o_dst.view(num_splits, -1, head_dim), lse_dst.view(num_splits, -1),
                                    out=out.view(-1, head_dim),
                                    lse_out=lse.view(-1) if lse is not None else None)
     return out, lse

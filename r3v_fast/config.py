@@ -127,14 +127,22 @@ class LoopOptions:
 @dataclass(frozen=True)
 class SamplingOptions:
     title: ClassVar[str] = "sampling"
-    sampler: Literal["shared", "hf"] = option(
-        "shared", "shared: one prefix KV cache per question for all its samples; hf: plain generate")
+    sampler: Literal["shared", "shared-grouped", "hf"] = option(
+        "shared", "shared: continuous batching over one paged prefix KV per question; shared-grouped: the "
+                  "same per group of questions, no refill; hf: plain generate with K copies")
     k: int = option(3, "solutions sampled per training question in each bootstrap")
     temperature: float = option(0.9, "sampling temperature (0 = greedy)")
     top_p: float = option(0.95, "nucleus sampling: keep the smallest token set of this probability")
     top_k: int = option(50, "keep only the k most likely tokens (0 = no limit)")
     max_new_tokens: int = option(384, "longest sampled solution, in tokens")
-    sample_batch_size: int = option(16, "questions sampled together")
+    sample_batch_size: int = option(16, "questions sampled together (shared: questions in flight)")
+    sample_slots: int | None = option(None, "shared: decode slots (branches stepped together); "
+                                            "none = sample-batch-size x branches per question")
+    kv_block_size: int = option(16, "shared: tokens per KV-cache block")
+    kv_budget_tokens: int | None = option(None, "shared: KV pool size in tokens; none = every slot's full "
+                                                "budget plus room for prompts")
+    max_prefill_tokens: int = option(8192, "shared: prompt tokens per prefill forward")
+    sync_every: int = option(8, "shared: decode steps between host syncs (finish checks, admissions)")
 
 
 @dataclass(frozen=True)

@@ -90,14 +90,22 @@ def load_run_data(options: DataOptions, *, log=print) -> RunData:
 
 # ------------------------------------------------------------------------------ helpers
 def make_sampler(options: SamplingOptions, model, processor, *, show_progress: bool = True):
+    """The sampler ``--sampler`` names, built from the sampling options."""
     if options.sampler == "shared":
         from r3v_fast.engine.shared_sampler import SharedPrefixSampler
 
         return SharedPrefixSampler(model, processor, batch_size=options.sample_batch_size,
-                                   show_progress=show_progress)
+                                   show_progress=show_progress, max_slots=options.sample_slots,
+                                   kv_block_size=options.kv_block_size, kv_budget_tokens=options.kv_budget_tokens,
+                                   max_prefill_tokens=options.max_prefill_tokens, sync_every=options.sync_every)
+    if options.sampler == "shared-grouped":
+        from r3v_fast.engine.grouped_sampler import GroupedPrefixSampler
+
+        return GroupedPrefixSampler(model, processor, batch_size=options.sample_batch_size,
+                                    show_progress=show_progress, sync_every=options.sync_every)
     if options.sampler == "hf":
         return HFSampler(model, processor, batch_size=options.sample_batch_size, show_progress=show_progress)
-    raise UsageError(f"unknown sampler {options.sampler!r} (available: shared, hf)")
+    raise UsageError(f"unknown sampler {options.sampler!r} (available: shared, shared-grouped, hf)")
 
 
 def load_processor(model_dir: Path, trust_remote_code: bool = False):
@@ -222,8 +230,9 @@ class Run:
         for c in todo:
             records = [self.data.train[i] for i in chunks[c]]
             requests = [Request(render(prompts.cot_messages(r)), r.image, key=r.id) for r in records]
-            chunk_params = SamplingParams(**{**params.__dict__, "seed": params.seed * 100_003 + c})
-            outputs = sampler.sample(requests, chunk_params,
+            # A question's samples depend only on (seed, iteration, question id, branch): not on
+            # its chunk, its batch or the rank that samples it.
+            outputs = sampler.sample(requests, params,
                                      desc=f"iter {iteration} bootstrap {c + 1}/{len(chunks)}")
             samples = [Sample(question_id=r.id, iteration=iteration, index=j, text=text,
                               answer=judge.extract_answer(r.dataset, text),

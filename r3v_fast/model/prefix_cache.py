@@ -372,7 +372,9 @@ class SharedPrefixCache(Cache):
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              r3v_prefix: SharedPrefixCache | None = None, **kwargs):
     """transformers attention function "r3v_prefix". query [B, H, L, Dh], key/value [B, Hkv, L', Dh]
-    -> ([B, L, H, Dh], None). Plain SDPA unless a SharedPrefixCache comes as ``r3v_prefix``."""
+    -> ([B, L, H, Dh], None). Plain SDPA unless a cache comes as ``r3v_prefix``: this module's
+    SharedPrefixCache or the block-pool PagedPrefixCache (r3v_fast.model.paged_cache); either
+    answers ``attend(layer_idx, query, key, value, scaling)``."""
     if r3v_prefix is None or not getattr(module, "is_causal", True):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

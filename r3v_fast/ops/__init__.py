@@ -9,13 +9,15 @@ behind it, backends chosen by one rule (r3v_fast/ops/backend.py):
                                         ``r3v::segment_sum``)
 ``cascade_decode_attention``            one decode step of K branches over a shared prefix
                                         (``r3v::cascade_decode_attention``)
+``paged_cascade_decode_attention``      the same over a block pool, one query per decode slot
+                                        (``r3v::paged_cascade_decode_attention``)
 ====================================  ===============================================
 
 Importing this package registers the ops. The code map in the README lists each op's kernel,
 reference, test and benchmark.
 """
 
-from .cascade_attention import cascade_decode_attention
+from .cascade_attention import cascade_decode_attention, paged_cascade_decode_attention
 from .segment_logprob import segment_logprob, token_logprob
 
-__all__ = ["token_logprob", "segment_logprob", "cascade_decode_attention"]
+__all__ = ["token_logprob", "segment_logprob", "cascade_decode_attention", "paged_cascade_decode_attention"]

@@ -19,13 +19,28 @@ buffer) go in without copies. The functions are inference-only (no autograd) and
 synchronisation, so lengths are not range-checked against the data.
 
 Backends (docs/architecture.md): "triton" (CUDA; or CPU tensors under TRITON_INTERPRET=1),
-"torch" (the reference, also the CPU path), chosen by the shared rule of
-r3v_fast/ops/backend.py; this op has no C++ kernel, so R3V_BACKEND=cpp means its torch path.
+"torch" (the reference), chosen by the shared rule of r3v_fast/ops/backend.py. The dense op has
+no C++ kernel, so R3V_BACKEND=cpp means its torch path; the paged op has one (float32, the CPU
+path of the continuous sampler, csrc/paged_attention.cpp).
 
 ``cascade_decode_attention`` is registered as the custom op ``r3v::cascade_decode_attention``
 (with a fake kernel for torch.compile and meta tensors; checked with torch.library.opcheck),
 like the fused loss. The partial-state helpers below it are plain functions over the same
 backends, used by tests and benchmarks.
+
+``paged_cascade_decode_attention`` (op ``r3v::paged_cascade_decode_attention``) is the same
+attention over a block pool, for the continuous-batching sampler: one query per decode slot,
+prefix and branch tokens found through block tables (layout in
+r3v_fast.reference.cascade_attention):
+
+    q                   [S, H, Dh]            one query per decode slot
+    k_pool, v_pool      [NB, Hkv, BS, Dh]     NB blocks of BS tokens
+    question_slots      [R, W] int            the slots of question row r (-1 = none)
+    prefix_tables       [R, MPB] int          blocks of row r's prefix, in order
+    prefix_lens         [R] int
+    slot_tables         [S, MSB] int          blocks of each slot's own tokens, in order
+    slot_lens           [S] int
+    -> o [S, H, Dh] (0 for slots no row lists) (+ lse [S, H] float32, -inf there)
 """
 
 from __future__ import annotations
@@ -41,6 +56,17 @@ from r3v_fast.reference import cascade_attention as _reference
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     return resolve_backend("cascade attention", backend, device, has_cpp=False)
+
+
+def _resolve_paged_backend(backend: str, q: Tensor) -> str:
+    """The paged op has a C++ kernel (float32 only): "auto" takes it for float32 CPU inputs when
+    built and the torch path for other dtypes; an explicit "cpp" with another dtype raises."""
+    chosen = resolve_backend("paged cascade attention", backend, q.device, has_cpp=True)
+    if chosen == "cpp" and q.dtype != torch.float32:
+        if backend != "auto":
+            raise ValueError(f"paged cascade attention: the cpp backend takes float32, got {q.dtype}")
+        return "torch"
+    return chosen
 
 
 def _check(cond: bool, message: str) -> None:
@@ -137,6 +163,78 @@ def cascade_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, pref
     o, lse = torch.ops.r3v.cascade_decode_attention(
         q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, prefix_index, scale,
         num_splits or 0, _resolve_backend(backend, q.device))
+    return (o, lse) if return_lse else o
+
+
+def _validate_paged(q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens):
+    _check(q.dim() == 3, f"q must be [S, H, Dh], got shape {tuple(q.shape)}")
+    _check(q.is_floating_point(), f"q must be floating point, got {q.dtype}")
+    num_slots, num_heads, head_dim = q.shape
+    _check(k_pool.dim() == 4, f"k_pool must be [NB, Hkv, BS, Dh], got {tuple(k_pool.shape)}")
+    _check(v_pool.shape == k_pool.shape,
+           f"v_pool shape {tuple(v_pool.shape)} != k_pool shape {tuple(k_pool.shape)}")
+    _check(k_pool.shape[3] == head_dim, f"k_pool head dim {k_pool.shape[3]} != q head dim {head_dim}")
+    _check(num_heads % k_pool.shape[1] == 0,
+           f"query heads {num_heads} not a multiple of pool KV heads {k_pool.shape[1]}")
+    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
+        _check(t.dtype == q.dtype, f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+    _check(question_slots.dim() == 2, f"question_slots must be [R, W], got {tuple(question_slots.shape)}")
+    num_rows = question_slots.shape[0]
+    _check(prefix_tables.dim() == 2 and prefix_tables.shape[0] == num_rows,
+           f"prefix_tables must be [R={num_rows}, MPB], got {tuple(prefix_tables.shape)}")
+    _check(tuple(prefix_lens.shape) == (num_rows,),
+           f"prefix_lens must be [R={num_rows}], got {tuple(prefix_lens.shape)}")
+    _check(slot_tables.dim() == 2 and slot_tables.shape[0] == num_slots,
+           f"slot_tables must be [S={num_slots}, MSB], got {tuple(slot_tables.shape)}")
+    _check(tuple(slot_lens.shape) == (num_slots,), f"slot_lens must be [S={num_slots}], got {tuple(slot_lens.shape)}")
+    for name, t in (("question_slots", question_slots), ("prefix_tables", prefix_tables),
+                    ("prefix_lens", prefix_lens), ("slot_tables", slot_tables), ("slot_lens", slot_lens)):
+        _check(not t.is_floating_point(), f"{name} must be integer, got {t.dtype}")
+    for t in (k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens):
+        _check(t.device == q.device, f"all inputs must be on {q.device}; found one on {t.device}")
+
+
+@torch.library.custom_op("r3v::paged_cascade_decode_attention", mutates_args=())
+def _paged_cascade_decode_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, question_slots: Tensor,
+                             prefix_tables: Tensor, prefix_lens: Tensor, slot_tables: Tensor,
+                             slot_lens: Tensor, scale: float, num_splits: int,
+                             backend: str) -> tuple[Tensor, Tensor]:
+    """(o [S, H, Dh] in q's dtype, lse [S, H] f32); num_splits 0 = automatic."""
+    if backend == "torch":
+        return _reference.paged_cascade_decode_attention(
+            q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens,
+            scale=scale, return_lse=True)
+    if backend == "cpp":
+        from r3v_fast.ops import cpp_backend
+        return cpp_backend.paged_cascade_decode_attention(q, k_pool, v_pool, question_slots, prefix_tables,
+                                                          prefix_lens, slot_tables, slot_lens, scale)
+    from r3v_fast.kernels.cascade_attention import paged_cascade_decode_fwd
+    return paged_cascade_decode_fwd(q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens,
+                                    slot_tables, slot_lens, scale=scale, num_splits=num_splits or None,
+                                    return_lse=True)
+
+
+@_paged_cascade_decode_op.register_fake
+def _(q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens, scale,
+      num_splits, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def paged_cascade_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, question_slots: Tensor,
+                                   prefix_tables: Tensor, prefix_lens: Tensor, slot_tables: Tensor,
+                                   slot_lens: Tensor, *, scale: float | None = None,
+                                   return_lse: bool = False, num_splits: int | None = None,
+                                   backend: str = "auto"):
+    """Attention of each decode slot's query over [its question's prefix ; its own tokens], with
+    keys and values in a block pool (shapes in the module docstring). scale defaults to
+    1/sqrt(Dh); num_splits as ``cascade_decode_attention``. Returns o, or (o, lse) if
+    return_lse. Runs the registered op ``r3v::paged_cascade_decode_attention``; no host sync."""
+    _validate_paged(q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens)
+    _check(num_splits is None or num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    o, lse = torch.ops.r3v.paged_cascade_decode_attention(
+        q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens, scale,
+        num_splits or 0, _resolve_paged_backend(backend, q))
     return (o, lse) if return_lse else o
 
 

@@ -1,9 +1,9 @@
-"""The "cpp" backend of the fused token log-likelihood: torch tensors in, r3v_fast._C out.
+"""The "cpp" backend (fused token log-likelihood, paged decode attention): torch tensors in, r3v_fast._C out.
 
 r3v_fast._C (csrc/, built by CMake + pybind11, no torch headers) works on raw float/int64
 buffers. This module checks the tensors, hands them over zero-copy as numpy views, allocates
-the outputs as torch tensors and lets the C++ code write into them. The op in
-r3v_fast/ops/ dispatches here on the CPU when ``available()``.
+the outputs as torch tensors and lets the C++ code write into them. The ops in
+r3v_fast/ops/ dispatch here on the CPU when ``available()``.
 
 Numerics (csrc/token_logprob.cpp): fp32 accumulation of every dot product, of the
 logsumexp and of dW/db; the target logit is taken from the fp32 tile before any rounding.
@@ -90,3 +90,27 @@ def workspace_bytes(n: int, d: int, v: int, *, backward: bool, need_hidden: bool
     _require()
     return _C.token_logprob_workspace_bytes(n, d, v, torch.get_num_threads(), backward,
                                             need_hidden, need_weight, need_bias)
+
+
+def paged_cascade_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                   question_slots: torch.Tensor, prefix_tables: torch.Tensor,
+                                   prefix_lens: torch.Tensor, slot_tables: torch.Tensor, slot_lens: torch.Tensor,
+                                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged cascade decode attention (csrc/paged_attention.cpp): float32 q [S, H, Dh] and
+    pools [NB, Hkv, BS, Dh]; tables and lengths of any integer dtype (copied to contiguous
+    int32, they are small). -> (o [S, H, Dh], lse [S, H]) float32; fp32 accumulation,
+    independent of the thread count."""
+    _require()
+
+    def index(t, name):
+        return _as_buffer(t.to(torch.int32), name, torch.int32)
+
+    out = torch.empty(q.shape, dtype=torch.float32)                 # [S, H, Dh]
+    lse = torch.empty(q.shape[:2], dtype=torch.float32)             # [S, H]
+    _C.paged_cascade_decode_attention(
+        _as_buffer(q, "q", torch.float32), _as_buffer(k_pool, "k_pool", torch.float32),
+        _as_buffer(v_pool, "v_pool", torch.float32), index(question_slots, "question_slots"),
+        index(prefix_tables, "prefix_tables"), index(prefix_lens, "prefix_lens"),
+        index(slot_tables, "slot_tables"), index(slot_lens, "slot_lens"), float(scale), out.numpy(), lse.numpy(),
+        torch.get_num_threads())
+    return out, lse

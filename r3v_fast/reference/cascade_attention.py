@@ -24,6 +24,18 @@ Conventions shared with r3v_fast.ops.cascade_attention and kernels/cascade_atten
   lse = -inf, which the merge treats as "no contribution".
 - Numerics: everything is computed in float32 (float64 inputs stay float64); o of partial
   states is returned in that compute dtype so merging does not round twice.
+
+Paged layout (`paged_cascade_decode_attention`, the continuous-batching sampler's cache): the
+keys and values of every prefix and every branch live in fixed-size blocks of one pool, and
+block tables say which blocks hold a sequence's tokens, in order:
+- q [S, H, Dh]: one query per decode slot;
+- k_pool/v_pool [NB, Hkv, BS, Dh]: NB blocks of BS tokens;
+- question_slots [R, W] int: the slots of question row r (-1 = none); a slot appears at most
+  once; slots listed nowhere get o = 0, lse = -inf;
+- prefix_tables [R, MPB] int, prefix_lens [R]: token t of row r's prefix is at
+  block prefix_tables[r, t // BS], offset t % BS;
+- slot_tables [S, MSB] int, slot_lens [S]: the same for each slot's own tokens.
+Lengths are clamped to the table's capacity (blocks x BS).
 """
 
 from __future__ import annotations
@@ -171,3 +183,83 @@ def naive_decode_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix
     q_grp = q.to(dtype).view(num_q, num_branches, num_kv_heads, group, head_dim)
     o, _ = _masked_softmax_attention(q_grp, k_full, v_full, valid[:, :, None, None, :], scale)
     return o.reshape(num_q, num_branches, num_heads, head_dim).to(q.dtype)
+
+
+def _gather_blocks(pool: Tensor, tables: Tensor) -> Tensor:
+    """pool [NB, Hkv, BS, Dh], tables [..., B] -> [..., Hkv, B * BS, Dh]: the tokens of each table
+    row in order (a copy). index_select copies whole blocks: on the CPU several times faster
+    than advanced indexing, which computes an offset per element."""
+    blocks = pool.index_select(0, tables.reshape(-1).long()).view(*tables.shape, *pool.shape[1:])
+    blocks = blocks.movedim(-3, -4)                                 # [..., Hkv, B, BS, Dh]
+    return blocks.reshape(*blocks.shape[:-3], -1, blocks.shape[-1])
+
+
+def _own_token_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, slot_tables: Tensor, lens: Tensor,
+                         scale: float):
+    """Partial attention of each slot's query over its own tokens, touching valid tokens only.
+
+    q [S, H, Dh]; lens [S] (0 for slots that read nothing). The T = sum(lens) tokens are
+    gathered into one flat list ([T, Hkv, Dh]), scored against their slot's query and reduced
+    per slot with a segment softmax (max by scatter_reduce, sums by index_add), so a single long
+    branch does not make every slot's work as wide as its own. T is read on the host (the size
+    of the gathered arrays): a device sync on CUDA, where the Triton kernel is the path.
+    Returns o [S, H, Dh] and lse [S, H] in the compute dtype; no token gives (0, -inf).
+    """
+    num_slots, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_pool.shape[1], k_pool.shape[2]
+    group = num_heads // num_kv_heads
+    dtype, device = _compute_dtype(q.dtype), q.device
+    seg = torch.repeat_interleave(torch.arange(num_slots, device=device), lens)   # [T] slot of each token
+    pos = torch.arange(seg.numel(), device=device) - (torch.cumsum(lens, 0) - lens)[seg]
+    block = slot_tables.long()[seg, pos // block_size]                            # [T]
+    # Row of (token, KV head) in the pool viewed as [NB * Hkv * BS, Dh]: whole-row copies.
+    heads = torch.arange(num_kv_heads, device=device)
+    rows = ((block[:, None] * num_kv_heads + heads) * block_size + (pos % block_size)[:, None]).reshape(-1)
+    keys = k_pool.reshape(-1, head_dim).index_select(0, rows).view(-1, num_kv_heads, head_dim).to(dtype)
+    values = v_pool.reshape(-1, head_dim).index_select(0, rows).view(-1, num_kv_heads, head_dim).to(dtype)
+    queries = q.to(dtype).view(num_slots, num_kv_heads, group, head_dim).index_select(0, seg)  # [T, Hkv, G, Dh]
+    # A product and a sum rather than einsum, which would run T * Hkv tiny matrix products.
+    scores = (queries * keys[:, :, None]).sum(-1) * scale                         # [T, Hkv, G]
+    row_max = torch.full((num_slots, num_kv_heads, group), float("-inf"), dtype=dtype, device=device)
+    row_max = row_max.scatter_reduce(0, seg[:, None, None].expand_as(scores), scores, "amax")
+    row_max = torch.where(torch.isinf(row_max), 0.0, row_max)                     # no key: finite stand-in
+    probs = torch.exp(scores - row_max[seg])                                      # [T, Hkv, G]
+    row_sum = torch.zeros_like(row_max).index_add_(0, seg, probs)                 # [S, Hkv, G]; 0 if no key
+    o = torch.zeros(num_slots, num_kv_heads, group, head_dim, dtype=dtype, device=device)
+    o.index_add_(0, seg, probs[..., None] * values[:, :, None])                    # [S, Hkv, G, Dh]
+    o = o / torch.where(row_sum > 0, row_sum, 1.0)[..., None]
+    lse = row_max + row_sum.log()                                                 # log 0 = -inf: no key
+    return o.view(num_slots, num_heads, head_dim), lse.view(num_slots, num_heads)
+
+
+def paged_cascade_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, question_slots: Tensor,
+                                   prefix_tables: Tensor, prefix_lens: Tensor, slot_tables: Tensor,
+                                   slot_lens: Tensor, *, scale: float | None = None,
+                                   return_lse: bool = False):
+    """Cascade decode attention over a block pool (layout in the module docstring).
+
+    Prefix: each question row's slots form a [W*G, Dh] query matrix per KV head that reads the
+    row's prefix blocks once (``prefix_attention`` on the gathered prefix). Own tokens: per slot,
+    valid tokens only (``_own_token_attention``). The two partial states merge by log-sum-exp.
+
+    Returns o [S, H, Dh] in q's dtype (0 for slots no question lists) and, if return_lse,
+    lse [S, H] float32 (-inf for those slots).
+    """
+    num_slots, num_heads, head_dim = q.shape
+    block_size = k_pool.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    listed = question_slots >= 0                                                  # [R, W]
+    slots = question_slots.long().clamp_min(0)                                    # [R, W]
+    o_rows, lse_rows = prefix_attention(q[slots], _gather_blocks(k_pool, prefix_tables),
+                                        _gather_blocks(v_pool, prefix_tables), prefix_lens,
+                                        scale=scale)                              # [R, W, H, Dh], [R, W, H]
+    o_prefix = torch.zeros(num_slots, num_heads, head_dim, dtype=o_rows.dtype, device=q.device)
+    lse_prefix = torch.full((num_slots, num_heads), float("-inf"), dtype=lse_rows.dtype, device=q.device)
+    o_prefix[slots[listed]] = o_rows[listed]
+    lse_prefix[slots[listed]] = lse_rows[listed]
+    has = torch.zeros(num_slots, dtype=torch.bool, device=q.device)
+    has[slots[listed]] = True
+    own_lens = torch.where(has, slot_lens.long().clamp(0, slot_tables.shape[1] * block_size), 0)
+    o_own, lse_own = _own_token_attention(q, k_pool, v_pool, slot_tables, own_lens, scale)
+    o, lse = merge_attention_states(o_prefix, lse_prefix, o_own, lse_own)
+    return (o.to(q.dtype), lse.float()) if return_lse else o.to(q.dtype)

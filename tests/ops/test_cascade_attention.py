@@ -184,6 +184,13 @@ def test_torch_low_precision_within_twice_eager_error(dtype):
 
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+try:
+    from r3v_fast.ops import cpp_backend
+    CPP_BUILT = cpp_backend.available()
+except ImportError:
+    CPP_BUILT = False
+needs_cpp = pytest.mark.skipif(not CPP_BUILT or DEVICE != "cpu", reason="needs the C++ extension (CPU)")
+PAGED_BACKENDS = BACKENDS + [pytest.param("cpp", marks=needs_cpp)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -331,3 +338,216 @@ def test_registered_op_passes_opcheck():
     for prefix_index, lens in ((None, plen), (index, plen[index])):   # read only valid prefix slots
         args = (q, pk, pv, lens, sk, sv, slen, prefix_index, 0.25, 0, "torch")
         torch.library.opcheck(torch.ops.r3v.cascade_decode_attention.default, args)
+
+
+# ---------------------------------------------------------------------------- paged layout
+def _tokens(pool, table, length):
+    """The first `length` tokens of a block-table row: [Hkv, length, Dh] (python loop)."""
+    block_size = pool.shape[2]
+    return torch.stack([pool[int(table[t // block_size]), :, t % block_size] for t in range(length)], 1) \
+        if length else pool.new_zeros(pool.shape[1], 0, pool.shape[3])
+
+
+def _exact_paged(q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens, scale):
+    """float64 attention of every listed slot over its row's prefix tokens then its own, one
+    (slot, head) at a time; unlisted slots: o = 0, lse = -inf."""
+    num_slots, num_heads, _ = q.shape
+    group = num_heads // k_pool.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float64)
+    k_pool, v_pool, q = k_pool.double().cpu(), v_pool.double().cpu(), q.double().cpu()
+    for r in range(question_slots.shape[0]):
+        for s in question_slots[r].tolist():
+            if s < 0:
+                continue
+            keys = torch.cat([_tokens(k_pool, prefix_tables[r], int(prefix_lens[r])),
+                              _tokens(k_pool, slot_tables[s], int(slot_lens[s]))], 1)     # [Hkv, T, Dh]
+            values = torch.cat([_tokens(v_pool, prefix_tables[r], int(prefix_lens[r])),
+                                _tokens(v_pool, slot_tables[s], int(slot_lens[s]))], 1)
+            for h in range(num_heads):
+                if keys.shape[1] == 0:
+                    continue
+                scores = keys[h // group] @ q[s, h] * scale
+                lse[s, h] = torch.logsumexp(scores, 0)
+                out[s, h] = torch.softmax(scores, 0) @ values[h // group]
+    return out, lse
+
+
+def _eager_paged(q, k_pool, v_pool, question_slots, prefix_tables, prefix_lens, slot_tables, slot_lens, scale):
+    """The same in the inputs' dtype: the eager-error yardstick."""
+    out = torch.zeros_like(q)
+    group = q.shape[1] // k_pool.shape[1]
+    for r in range(question_slots.shape[0]):
+        for s in question_slots[r].tolist():
+            if s < 0:
+                continue
+            keys = torch.cat([_tokens(k_pool, prefix_tables[r], int(prefix_lens[r])),
+                              _tokens(k_pool, slot_tables[s], int(slot_lens[s]))], 1)
+            values = torch.cat([_tokens(v_pool, prefix_tables[r], int(prefix_lens[r])),
+                                _tokens(v_pool, slot_tables[s], int(slot_lens[s]))], 1)
+            keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+            scores = (keys @ q[s].unsqueeze(-1)).squeeze(-1) * scale                 # [H, T]
+            out[s] = (torch.softmax(scores, -1).unsqueeze(1) @ values).squeeze(1)
+    return out
+
+
+def _make_paged_case(question_slots, prefix_lens, slot_lens, *, block_size, num_heads=4, num_kv_heads=2,
+                     head_dim=16, dtype=torch.float32, seed=0, spare_blocks=5):
+    """Random pool whose blocks are handed out in a shuffled order (tables are not monotone);
+    rows 0 and 1 share their first prefix blocks when both have a prefix (the select-branch
+    case: two rows reading one stored prefix). Every pool position no table row covers within
+    its length holds garbage (keys 1e4, values nan), so reading one would show."""
+    gen = torch.Generator().manual_seed(seed)
+    question_slots = torch.tensor(question_slots, dtype=torch.int32)
+    prefix_lens = torch.tensor(prefix_lens, dtype=torch.int32)
+    slot_lens = torch.tensor(slot_lens, dtype=torch.int32)
+    num_rows, num_slots = len(prefix_lens), len(slot_lens)
+    blocks_of = lambda n: -(-n // block_size)  # noqa: E731
+    prefix_blocks = max(blocks_of(int(prefix_lens.max())), 1)
+    slot_blocks = max(blocks_of(int(slot_lens.max())), 1)
+    total = num_rows * prefix_blocks + num_slots * slot_blocks + spare_blocks
+    order = torch.randperm(total, generator=gen)
+    prefix_tables = order[:num_rows * prefix_blocks].view(num_rows, prefix_blocks).clone()
+    if num_rows > 1 and prefix_lens[0] > 0 and prefix_lens[1] > 0:
+        shared = min(blocks_of(int(prefix_lens[0])), blocks_of(int(prefix_lens[1])))
+        prefix_tables[1, :shared] = prefix_tables[0, :shared]
+        prefix_lens[1] = min(int(prefix_lens[1]), int(prefix_lens[0]))  # read only written tokens
+    slot_tables = order[num_rows * prefix_blocks:][:num_slots * slot_blocks].view(num_slots, slot_blocks)
+    k_pool = torch.full((total, num_kv_heads, block_size, head_dim), 1e4)
+    v_pool = torch.full((total, num_kv_heads, block_size, head_dim), float("nan"))
+    for table, length in [*zip(prefix_tables, prefix_lens), *zip(slot_tables, slot_lens)]:
+        for t in range(int(length)):
+            block, within = int(table[t // block_size]), t % block_size
+            k_pool[block, :, within] = torch.randn(num_kv_heads, head_dim, generator=gen)
+            v_pool[block, :, within] = torch.randn(num_kv_heads, head_dim, generator=gen)
+    q = torch.randn(num_slots, num_heads, head_dim, generator=gen)
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return [to(q.to(dtype)), to(k_pool.to(dtype)), to(v_pool.to(dtype)), to(question_slots),
+            to(prefix_tables.int()), to(prefix_lens), to(slot_tables.int()), to(slot_lens)]
+
+
+def _assert_paged_accurate(out, args, dtype, scale, what):
+    exact, _ = _exact_paged(*[t.cpu() for t in args], scale)
+    eager = _eager_paged(*[t.cpu() for t in args], scale)
+    listed = sorted(s for s in args[3].flatten().tolist() if s >= 0)
+    err = (out.double().cpu()[listed] - exact[listed]).abs().max().item()
+    eager_err = (eager.double()[listed] - exact[listed]).abs().max().item()
+    bound = 2 * eager_err + FLOOR[dtype]
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (eager {eager_err:.3g})"
+    unlisted = sorted(set(range(out.shape[0])) - set(listed))
+    assert (out.cpu()[unlisted] == 0).all(), f"{what}: unlisted slots must be 0"
+
+
+# (name, question_slots [R][W], prefix_lens [R], slot_lens [S], block size, H, Hkv, Dh)
+PAGED_CASES = [
+    ("one_question", [[0, 1, 2]], [20], [3, 0, 17], 16, 4, 2, 16),
+    ("holes_and_unlisted", [[4, -1, 0], [-1, 2, -1]], [37, 5], [9, 1, 30, 5, 0, 8], 8, 4, 2, 16),
+    ("block_size_1", [[1, 0], [2, 3]], [6, 3], [2, 5, 0, 4], 1, 4, 2, 16),
+    ("head_dim_40_mha", [[0], [1], [2]], [50, 1, 17], [0, 33, 2], 16, 4, 4, 40),
+    ("long_prefix_k8", [[7, 6, 5, 4, 3, 2, 1, 0]], [300], [0, 1, 2, 3, 5, 8, 13, 21], 32, 4, 2, 24),
+    ("no_prefix", [[0, 1], [2, -1]], [0, 0], [4, 0, 7], 4, 4, 2, 16),
+]
+PAGED_IDS = [c[0] for c in PAGED_CASES]
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@pytest.mark.parametrize("case", PAGED_CASES, ids=PAGED_IDS)
+def test_paged_matches_float64_attention(case, backend):
+    _, slots, prefix_lens, slot_lens, block_size, num_heads, num_kv_heads, head_dim = case
+    args = _make_paged_case(slots, prefix_lens, slot_lens, block_size=block_size, num_heads=num_heads,
+                            num_kv_heads=num_kv_heads, head_dim=head_dim)
+    scale = 0.3
+    out, lse = ops.paged_cascade_decode_attention(*args, scale=scale, return_lse=True, backend=backend)
+    assert out.shape == args[0].shape and out.dtype == torch.float32 and lse.dtype == torch.float32
+    _assert_paged_accurate(out, args, torch.float32, scale, f"{backend} paged")
+    _, exact_lse = _exact_paged(*[t.cpu() for t in args], scale)
+    torch.testing.assert_close(lse.double().cpu(), exact_lse, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [2, 3])
+def test_paged_triton_split_k_matches_float64(num_splits):
+    args = _make_paged_case([[0, 1, 2], [3, -1, -1]], [200, 1], [70, 0, 2, 40], block_size=16, head_dim=32, seed=1)
+    out, lse = ops.paged_cascade_decode_attention(*args, num_splits=num_splits, return_lse=True, backend="triton")
+    _assert_paged_accurate(out, args, torch.float32, 1 / math.sqrt(32), f"paged split-k {num_splits}")
+    _, exact_lse = _exact_paged(*[t.cpu() for t in args], 1 / math.sqrt(32))
+    torch.testing.assert_close(lse.double().cpu(), exact_lse, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_paged_triton_many_rows_use_several_row_blocks():
+    # 12 slots x G = 8 query rows = 96 rows of one question: two 64-row blocks.
+    args = _make_paged_case([list(range(12))], [37], [(3 * b) % 11 for b in range(12)], block_size=8,
+                            num_heads=16, num_kv_heads=2, head_dim=16, seed=2)
+    out = ops.paged_cascade_decode_attention(*args, backend="triton")
+    _assert_paged_accurate(out, args, torch.float32, 0.25, "paged 96 rows")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)])
+def test_paged_low_precision_within_twice_eager_error(dtype, backend):
+    args = _make_paged_case([[0, 2], [1, -1]], [130, 9], [5, 30, 17], block_size=16, head_dim=40, dtype=dtype, seed=3)
+    out = ops.paged_cascade_decode_attention(*args, backend=backend)
+    assert out.dtype == dtype
+    _assert_paged_accurate(out, args, dtype, 1 / math.sqrt(40), f"{backend} paged {dtype}")
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+def test_paged_equals_the_dense_cascade_on_the_same_tokens(backend):
+    """Copying the blocks into the dense layout and running the dense op gives the same result."""
+    args = _make_paged_case([[2, 0, 1], [3, 4, -1]], [45, 20], [3, 0, 9, 12, 1], block_size=8, seed=4)
+    q, k_pool, v_pool, slots, prefix_tables, prefix_lens, slot_tables, slot_lens = args
+    paged = ops.paged_cascade_decode_attention(*args, backend=backend)
+    dense_slots = slots.long().clamp_min(0)
+    gather = lambda pool, tables: pool[tables.long()].movedim(-3, -4).flatten(-3, -2)  # noqa: E731
+    dense = ops.cascade_decode_attention(
+        q[dense_slots], gather(k_pool, prefix_tables), gather(v_pool, prefix_tables), prefix_lens,
+        gather(k_pool, slot_tables[dense_slots]), gather(v_pool, slot_tables[dense_slots]),
+        torch.where(slots >= 0, slot_lens[dense_slots], 0),
+        backend="torch" if backend == "cpp" else backend)                           # the dense op has no cpp
+    listed = slots >= 0
+    torch.testing.assert_close(paged[dense_slots[listed]], dense[listed], rtol=1e-6, atol=1e-6)
+
+
+@needs_cpp
+def test_paged_cpp_takes_views_and_rejects_what_it_cannot_run():
+    """Column slices of the tables (what the sampler's cache passes) give the same result as
+    copies; an explicit cpp request in float16 raises, "auto" then takes the torch path."""
+    args = _make_paged_case([[0, 2], [1, -1]], [40, 9], [5, 30, 17], block_size=8, seed=6)
+    q, k_pool, v_pool, slots, prefix_tables, prefix_lens, slot_tables, slot_lens = args
+    wide = lambda t: torch.cat([t, torch.zeros_like(t)], 1)[:, :t.shape[1]]  # noqa: E731  a strided view
+    views = (q, k_pool, v_pool, slots, wide(prefix_tables), prefix_lens, wide(slot_tables), slot_lens)
+    assert not views[4].is_contiguous()
+    torch.testing.assert_close(ops.paged_cascade_decode_attention(*views, backend="cpp"),
+                               ops.paged_cascade_decode_attention(*args, backend="cpp"), rtol=0, atol=0)
+    half = [t.half() if t.is_floating_point() else t for t in args]
+    with pytest.raises(ValueError, match="cpp backend takes float32"):
+        ops.paged_cascade_decode_attention(*half, backend="cpp")
+    assert ops.paged_cascade_decode_attention(*half, backend="auto").dtype == torch.float16
+
+
+def test_paged_bad_inputs_name_the_argument():
+    args = _make_paged_case([[0, 1]], [5], [2, 3], block_size=4)
+    q, k_pool, v_pool, slots, prefix_tables, prefix_lens, slot_tables, slot_lens = args
+    with pytest.raises(ValueError, match="slot_lens must be"):
+        ops.paged_cascade_decode_attention(q, k_pool, v_pool, slots, prefix_tables, prefix_lens, slot_tables,
+                                           slot_lens[:1], backend="torch")
+    with pytest.raises(ValueError, match="prefix_tables must be"):
+        ops.paged_cascade_decode_attention(q, k_pool, v_pool, slots, prefix_tables[:0], prefix_lens, slot_tables,
+                                           slot_lens, backend="torch")
+    with pytest.raises(ValueError, match="v_pool shape"):
+        ops.paged_cascade_decode_attention(q, k_pool, v_pool[:, :1], slots, prefix_tables, prefix_lens,
+                                           slot_tables, slot_lens, backend="torch")
+    with pytest.raises(ValueError, match="question_slots must be integer"):
+        ops.paged_cascade_decode_attention(q, k_pool, v_pool, slots.float(), prefix_tables, prefix_lens,
+                                           slot_tables, slot_lens, backend="torch")
+
+
+def test_paged_registered_op_passes_opcheck():
+    from r3v_fast.ops import paged_cascade_decode_attention as exported
+
+    assert exported is ops.paged_cascade_decode_attention
+    args = _make_paged_case([[0, -1], [1, 2]], [5, 3], [2, 0, 4], block_size=4)
+    for t in (args[1], args[2]):   # opcheck compares outputs: no nan garbage in this pool
+        t.nan_to_num_(0.0)
+    torch.library.opcheck(torch.ops.r3v.paged_cascade_decode_attention.default, (*args, 0.25, 0, "torch"))
