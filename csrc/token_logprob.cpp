@@ -143,11 +143,18 @@ inline vf finish_logits(vf z, const TokenLogprobProblem& p, long v) {
   return z;
 }
 
-// Forward epilogue: fold the tile into each token's running (max, sum exp(z - max)) and pick
-// up the target logit. Per 16-token group the block max is found first, so the running sum
-// is rescaled once per block: sum <- sum * exp(m_old - m_new) + sum_v exp(z_v - m_new).
+// Forward epilogue: fold the tile into each token's running (max m, sum s, compensation c)
+// and pick up the target logit. Per 16-token group the block max is found first, so the
+// running pair is rescaled once per block: (s, c) <- (s, c) * exp(m_old - m_new).
+//
+// Summation (numerics): adding each exp(z_v - m) straight into a running sum that is already
+// ~1 drops every term below half an ulp (6e-8), so a peaked distribution (a trained model's)
+// loses its whole softmax tail: 1.2e-3 per token at V = 151,936. Instead the block's terms
+// go into 4 interleaved partial sums of their own (<= 48 terms each, combined pairwise), and
+// the block total joins the running sum by an error-free TwoSum whose rounding error is kept
+// in c. The order is fixed (vocabulary blocks in order, lanes independent): deterministic.
 void forward_epilogue(const TokenLogprobProblem& p, float* zt, long v0, long nv, long t0, long nt,
-                      float* run_max, float* run_sum, float* z_target) {
+                      float* run_max, float* run_sum, float* run_comp, float* z_target) {
   for (long c0 = 0; c0 < nt; c0 += kLanes) {
     const int n = int(std::min<long>(kLanes, nt - c0));
     vf block_max = vset1(-std::numeric_limits<float>::infinity());
@@ -159,10 +166,27 @@ void forward_epilogue(const TokenLogprobProblem& p, float* zt, long v0, long nv,
     }
     const vf m_old = vload_n(run_max + t0 + c0, n);
     const vf m_new = vmax(m_old, block_max);
-    vf sum = vmul(vload_n(run_sum + t0 + c0, n), vexp(vsub(m_old, m_new)));  // exp(-inf) = 0 at start
-    for (long v = 0; v < nv; ++v) sum = vadd(sum, vexp(vsub(vload_n(zt + v * MC + c0, n), m_new)));
+    const float* col = zt + c0;
+    vf acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
+    long v = 0;
+    for (; v + 4 <= nv; v += 4) {
+      acc0 = vadd(acc0, vexp(vsub(vload_n(col + (v + 0) * MC, n), m_new)));
+      acc1 = vadd(acc1, vexp(vsub(vload_n(col + (v + 1) * MC, n), m_new)));
+      acc2 = vadd(acc2, vexp(vsub(vload_n(col + (v + 2) * MC, n), m_new)));
+      acc3 = vadd(acc3, vexp(vsub(vload_n(col + (v + 3) * MC, n), m_new)));
+    }
+    for (; v < nv; ++v) acc0 = vadd(acc0, vexp(vsub(vload_n(col + v * MC, n), m_new)));
+    const vf block = vadd(vadd(acc0, acc1), vadd(acc2, acc3));
+    const vf scale = vexp(vsub(m_old, m_new));  // exp(-inf) = 0 at the start
+    const vf s = vmul(vload_n(run_sum + t0 + c0, n), scale);
+    const vf c = vmul(vload_n(run_comp + t0 + c0, n), scale);
+    // TwoSum (Knuth): t + err == s + block exactly, whichever of the two is larger.
+    const vf t = vadd(s, block);
+    const vf block_part = vsub(t, s);
+    const vf err = vadd(vsub(s, vsub(t, block_part)), vsub(block, block_part));
     vstore_n(run_max + t0 + c0, m_new, n);
-    vstore_n(run_sum + t0 + c0, sum, n);
+    vstore_n(run_sum + t0 + c0, t, n);
+    vstore_n(run_comp + t0 + c0, vadd(c, err), n);
   }
   for (long t = 0; t < nt; ++t) {
     const long k = p.targets[t0 + t] - v0;
@@ -264,7 +288,7 @@ void token_logprob_fwd(const TokenLogprobProblem& p, float* logp, float* lse, in
   const int threads = int(std::min<long>(team_size(num_threads), panels));
   Buffer hp = pack_hidden(p, threads);
   // lse holds the running max and logp the target logit until the final combine.
-  std::vector<float> run_sum(size_t(p.N), 0.0f);
+  std::vector<float> run_sum(size_t(p.N), 0.0f), run_comp(size_t(p.N), 0.0f);
   std::fill(lse, lse + p.N, -std::numeric_limits<float>::infinity());
   // Per-thread scratch is allocated here: an exception must not leave a parallel region.
   std::vector<Buffer> tiles;
@@ -279,13 +303,17 @@ void token_logprob_fwd(const TokenLogprobProblem& p, float* logp, float* lse, in
       for (long t0 = own.begin; t0 < own.end; t0 += MC) {
         const long nt = std::min(MC, own.end - t0);
         logits_tile(p, hp.get(), v0, nv, t0, nt, zt);
-        forward_epilogue(p, zt, v0, nv, t0, nt, lse, run_sum.data(), logp);
+        forward_epilogue(p, zt, v0, nv, t0, nt, lse, run_sum.data(), run_comp.data(), logp);
       }
     }
   }
   for (long t = 0; t < p.N; ++t) {
-    lse[t] += std::log(run_sum[t]);  // lse = max + log(sum exp(z - max)), sum >= 1
-    logp[t] -= lse[t];
+    // sum >= 1 (the max's own term). logp = (z_target - max) - log(sum) rather than
+    // z_target - lse: lse ~ 20 carries an absolute rounding of ~1e-6 that the difference
+    // would keep, while z_target - max is exact (0 when the target is the max).
+    const float log_sum = std::log(run_sum[t] + run_comp[t]);
+    logp[t] = (logp[t] - lse[t]) - log_sum;
+    lse[t] += log_sum;
   }
 }
 
@@ -372,7 +400,7 @@ int64_t token_logprob_workspace_bytes(int64_t N, int64_t D, int64_t V, int num_t
   const long threads = std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : panels);
   const bool partials = by_vocab && need_hidden && threads > 1;
   int64_t floats = panels * NR * D + threads * NC * MC;                       // Hp, logit tiles
-  if (!backward) floats += N;                                                 // running sums
+  if (!backward) floats += 2 * N;                                             // running sums + compensations
   if (backward && need_hidden) floats += threads * NC * d_padded;             // packed W blocks
   if (backward && need_weight) floats += N * d_padded;                        // Hc
   if (partials) floats += (threads - 1) * backward_chunk_tokens(N, int(threads), true) * D;  // dH partials

@@ -7,6 +7,8 @@ r3v_fast/ops/ dispatches here on the CPU when ``available()``.
 
 Numerics (csrc/token_logprob.cpp): fp32 accumulation of every dot product, of the
 logsumexp and of dW/db; the target logit is taken from the fp32 tile before any rounding.
+The logsumexp sums each vocabulary block separately and adds the block totals with a
+compensated (TwoSum) running sum, so the tail of a peaked softmax is kept.
 The [N, V] logits are never stored; backward recomputes them tile by tile. Results are
 bitwise reproducible for a fixed ``torch.get_num_threads()``; logp, lse, d weight and d bias
 even for any thread count (only d hidden sums per-thread partials).
