@@ -306,6 +306,6 @@ int64_t token_logprob_workspace_bytes(int64_t N, int64_t D, int64_t V, int num_t
 }
 
 int max_threads() { return team_size(0); }
-const char* simd_name() { return R3V_AVX512 ? "avx512" : "generic"; }
+const char* simd_name() { return R3V_AVX512 ? "avx512" : R3V_AVX2 ? "avx2" : "generic"; }
 
 }  // namespace r3v
