@@ -80,9 +80,14 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(logp, d_hidden, d_weight, d_bias)
     ctx.backend = backend
     ctx.mark_non_differentiable(logp, d_hidden, d_weight, d_bias)
+    # Outputs without a gradient reach the backward as None, not as zero tensors: autograd
+    # would otherwise allocate and fill a zero dW and dH for it (a second gradient buffer).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_logp, _grad_dh, _grad_dw, _grad_db):
+    if grad_loss is None:  # only the non-differentiable outputs were used
+        return (None,) * 11
     logp, d_hidden, d_weight, d_bias = ctx.saved_tensors
     need_hidden, need_weight, _, need_token_weights, need_bias = ctx.needs_input_grad[:5]
     if _traced(grad_loss):

@@ -407,6 +407,36 @@ def test_second_backward_through_retained_graph_raises():
         loss.backward()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_allocates_no_gradient_sized_tensor(backend):
+    """The backward hands the forward's dH / dW to autograd: no copy, no zero-filled stand-in
+    for the outputs that have no gradient (which autograd would otherwise materialize)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden, weight, _, targets, token_weights = _tiny(T=12, D=24, V=50)
+    big = {hidden.numel(), weight.numel()}
+
+    class Allocations(TorchDispatchMode):
+        sizes: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.numel() in big:
+                    self.sizes.append((str(func), t.data_ptr()))
+            return out
+
+    outputs = torch.ops.r3v.weighted_nll(hidden, weight, targets, token_weights, None, -100, 0.0, backend,
+                                         True, True, False)
+    loss, pointers = outputs[0], (outputs[2].data_ptr(), outputs[3].data_ptr())
+    del outputs
+    with Allocations() as mode:
+        (loss * 0.5).backward()
+    # gradient-sized results (the in-place scaling, detach views) all live in the forward's buffers
+    assert mode.sizes and all(ptr in pointers for _, ptr in mode.sizes), mode.sizes
+    assert (hidden.grad.data_ptr(), weight.grad.data_ptr()) == pointers
+
+
 # ---------------------------------------------------------------- backend choice, bad input
 def test_backend_resolution(monkeypatch):
     cpu = torch.device("cpu")
