@@ -109,6 +109,25 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.float() - ref).abs().max() / ref.abs().max()).item()
 
 
+def _gemm_phases(hidden, weight, c, chunks) -> dict[str, float]:
+    """Each GEMM phase alone on one chunk's shapes, times the number of chunks (ms)."""
+    h_c = hidden[:c].contiguous()  # [c, D]
+    z = torch.empty(c, V, dtype=hidden.dtype, device=hidden.device)  # [c, V]
+    d_w = torch.empty_like(weight)  # [V, D]
+    return {"logits": round(cuda_ms(lambda: torch.mm(h_c, weight.T, out=z)) * chunks, 3),
+            "dh": round(cuda_ms(lambda: torch.mm(z, weight)) * chunks, 3),
+            "dw": round(cuda_ms(lambda: d_w.addmm_(z.T, h_c)) * chunks, 3)}
+
+
+def _backward_scale(outputs) -> tuple[float, float]:
+    """The backward: dH and dW times the upstream gradient in place (ms), and its skip when 1."""
+    _, dh, dw, _ = outputs
+    other = torch.tensor(0.999, device=dh.device)
+    one = torch.tensor(1.0, device=dh.device)
+    return (cuda_ms(lambda: (wnll_kernels.scale_(other, dh), wnll_kernels.scale_(other, dw))),
+            cuda_ms(lambda: (wnll_kernels.scale_(one, dh), wnll_kernels.scale_(one, dw))))
+
+
 def profile_weighted_nll(hidden, weight, targets, cublas_ms) -> dict:
     valid = targets != -100
     token_weights = valid.float() / valid.sum()
@@ -138,37 +157,23 @@ def profile_weighted_nll(hidden, weight, targets, cublas_ms) -> dict:
             full_ms, frozen_ms = cuda_ms(lambda: run(True)), cuda_ms(lambda: run(False))
             parts = device_time_by_family(lambda: run(True), _family_wnll)
             parts_frozen = device_time_by_family(lambda: run(False), _family_wnll)
-            # Each GEMM phase alone, on one chunk's shapes, times the number of chunks.
-            c = min(cfg.chunk_tokens, T)
-            h_c = hidden[:c].contiguous()
-            z = torch.empty(c, V, dtype=hidden.dtype, device=hidden.device)
-            d_w = torch.empty_like(weight)
-            phases = {"logits": cuda_ms(lambda: torch.mm(h_c, weight.T, out=z)) * chunks,
-                      "dh": cuda_ms(lambda: torch.mm(z, weight)) * chunks,
-                      "dw": cuda_ms(lambda: d_w.addmm_(z.T, h_c)) * chunks}
-            del z, d_w
+            phases = _gemm_phases(hidden, weight, min(cfg.chunk_tokens, T), chunks)
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            _, _, dw, _ = run(True)
+            dw = run(True)[2]
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
             dw_error = _rel(dw, ref_dw)
-            del dw
-            # The backward: dH, dW times the upstream gradient in place; skipped when it is 1.
-            _, dh, dw, _ = run(True)
-            scale_ms = cuda_ms(lambda: (wnll_kernels.scale_(torch.tensor(0.999, device=hidden.device), dh),
-                                        wnll_kernels.scale_(torch.tensor(0.999, device=hidden.device), dw)))
-            skip_ms = cuda_ms(lambda: (wnll_kernels.scale_(torch.tensor(1.0, device=hidden.device), dh),
-                                       wnll_kernels.scale_(torch.tensor(1.0, device=hidden.device), dw)))
-            del dh, dw
+            dw = None
+            scale_ms, skip_ms = _backward_scale(run(True))
             entry = dict(ms=round(full_ms, 3), frozen_ms=round(frozen_ms, 3),
                          tflops_6tdv=round(3 * PHASE_FLOP / full_ms / 1e9, 1),
                          tflops_8tdv=round(4 * PHASE_FLOP / full_ms / 1e9, 1),
                          over_three_product_floor=round(full_ms / (3 * cublas_ms), 3),
                          frozen_over_two_product_floor=round(frozen_ms / (2 * cublas_ms), 3),
                          kernels_ms=parts, kernels_ms_frozen=parts_frozen,
-                         gemm_phases_ms={k: round(v, 3) for k, v in phases.items()},
+                         gemm_phases_ms=phases,
                          backward_scale_ms=round(scale_ms, 3), backward_skip_ms=round(skip_ms, 3),
                          peak_over_gradients=round(peak / grad_bytes, 3), dw_error=round(dw_error, 5),
                          config=dataclasses.asdict(cfg))
