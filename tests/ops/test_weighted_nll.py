@@ -1,10 +1,10 @@
 """Tests for r3v_fast.ops.weighted_nll on every backend that can run here.
 
 The oracle is float64 full logits written out below (log_softmax, gather, weighted sum,
-gradients by autograd), independent of the package. Tolerance (DESIGN.md §6): the max error,
-relative to the largest reference value, must be <= max(2 x the same-dtype eager error,
-floor) with floors fp32 1e-5, fp16 1e-3, bf16 1e-2; the eager run is the same few lines in the
-input dtype. Backends: "torch" always, "cpp" when the extension is built, "triton" on CUDA or
+gradients by autograd), independent of the package. Tolerance (docs/architecture.md,
+"Tests"): the max error, relative to the largest reference value, must be <= max(2 x the
+same-dtype eager error, floor) with floors fp32 1e-5, fp16 1e-3, bf16 1e-2; the eager run is
+the same few lines in the input dtype. Backends: "torch" always, "cpp" when the extension is built, "triton" on CUDA or
 under TRITON_INTERPRET=1 (its interpreter config uses 16-token chunks, so T = 47 spans three).
 """
 
