@@ -1,11 +1,15 @@
-"""CPU benchmark of the fused LM-head loss (issue 5): the C++ backend vs the usual ways.
+"""CPU benchmark of the fused LM-head loss (issues 5 and 16): the C++ backend vs the usual ways.
 
-Shape (issue 5): T=4096 target tokens x D=1024 x V=32768, fp32, forward + backward of the
-summed token NLL with gradients for hidden and weight. In the same run:
+Shape: T=4096 target tokens x D=1024 x V=32768, fp32, forward + backward of the summed token
+NLL with gradients for hidden and weight. In the same run:
 
     cpp_direct            r3v_fast/ops/cpp_backend.py fwd + bwd called directly (no autograd)
     cpp_op                r3v_fast.ops.token_logprob(..., backend="cpp") through autograd
     torch_backend         r3v_fast.ops.token_logprob(..., backend="torch") (chunked PyTorch)
+    wnll_cpp_direct       cpp_backend.weighted_nll_fwd called directly: loss and gradients
+    wnll_cpp_op           r3v_fast.ops.weighted_nll(..., backend="cpp") + backward (weights 1)
+    wnll_cpp_frozen       the same with the weight frozen (no dW: two products)
+    wnll_torch_backend    r3v_fast.ops.weighted_nll(..., backend="torch") (chunked PyTorch)
     torch_native          torch.nn.functional.linear_cross_entropy, default (reference) path
     torch_native_chunked  the same with options=LinearCrossEntropyOptions() (its chunked path)
     naive                 full logits, log_softmax, gather
@@ -14,8 +18,10 @@ Time: wall-clock of one forward + backward, the minimum over ROUNDS runs (the ma
 cores shared with other work: the minimum is the least disturbed run; the load average is
 saved with the results). The process CPU time of the step (all threads) is saved next to it:
 it is what the step costs the machine, and it barely moves when other work competes for the
-cores, so its ratios (cpu_time_over_*) stay meaningful on a busy machine. GFLOP/s counts 8·T·D·V (forward GEMM, plus recomputed logits, dH
-and dW in backward; the unfused paths do 6·T·D·V of it).
+cores, so its ratios (cpu_time_over_*) stay meaningful on a busy machine. GFLOP/s is given
+in two conventions for every row: 8·T·D·V ("gflops", token_logprob's work: forward GEMM,
+recomputed logits, dH, dW) and 6·T·D·V (weighted_nll's and the unfused paths' work: logits,
+dH, dW; the convention Liger-Kernel reports in). The frozen row does 4·T·D·V.
 
 Memory: peak resident memory above the baseline during one step, from the kernel's own
 accounting of the process (VmHWM after resetting it through /proc/self/clear_refs), measured
@@ -25,8 +31,9 @@ and thread pools initialised), so the figure includes every buffer the step allo
 gradients (dH + dW) included. For the cpp backend the scratch bytes it allocates by its own
 accounting (cpp_backend.workspace_bytes) are reported next to it.
 
-Targets (issue 5): cpp time <= 1.1x torch's native op, cpp peak extra memory <= 15% of naive.
-Results: bench/results/cpu-<cpu model>.json. Small quick run: R3V_BENCH_SMALL=1 (T=512,
+Targets: token_logprob cpp time <= 1.1x torch's native op (issue 5); weighted_nll cpp time
+<= 0.8x torch's native op (issue 16); cpp peak extra memory <= 15% of naive (both).
+Results: bench/results/cpu-<cpu model>-<avx512|avx2>.json. Small quick run: R3V_BENCH_SMALL=1 (T=512,
 D=256, V=4096); R3V_BENCH_T / _D / _V / _ROUNDS override single values.
 Run: python -m pytest bench/bench_segment_logprob_cpu.py -q -s
 """
@@ -52,6 +59,7 @@ D = int(os.environ.get("R3V_BENCH_D", 256 if SMALL else 1024))
 V = int(os.environ.get("R3V_BENCH_V", 4096 if SMALL else 32768))
 ROUNDS = int(os.environ.get("R3V_BENCH_ROUNDS", 2))
 FLOP = 8 * T * D * V
+FLOP_6 = 6 * T * D * V
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS: dict[str, dict] = {}
 
@@ -72,6 +80,22 @@ def _op(backend):
         from r3v_fast.ops import token_logprob
 
         (-token_logprob(h, w, t, backend=backend).sum()).backward()
+    return step
+
+
+def _wnll_cpp_direct(h, w, t):
+    from r3v_fast.ops import cpp_backend
+
+    ones = torch.ones(t.numel())
+    _, h.grad, w.grad, _ = cpp_backend.weighted_nll_fwd(h.detach(), w.detach(), None, t, ones, 0.0, True, True, False)
+
+
+def _wnll_op(backend, frozen=False):
+    def step(h, w, t):
+        from r3v_fast.ops import weighted_nll
+
+        w_in = w.detach() if frozen else w
+        weighted_nll(h, w_in, t, torch.ones(t.numel()), backend=backend).backward()
     return step
 
 
@@ -106,6 +130,10 @@ IMPLEMENTATIONS = {
     "cpp_direct": (_cpp_direct, _cpp_available),
     "cpp_op": (_op("cpp"), lambda: _op_available("cpp")),
     "torch_backend": (_op("torch"), lambda: _op_available("torch")),
+    "wnll_cpp_direct": (_wnll_cpp_direct, _cpp_available),
+    "wnll_cpp_op": (_wnll_op("cpp"), lambda: _op_available("cpp")),
+    "wnll_cpp_frozen": (_wnll_op("cpp", frozen=True), lambda: _op_available("cpp")),
+    "wnll_torch_backend": (_wnll_op("torch"), lambda: _op_available("torch")),
     "torch_native": (_native, lambda: hasattr(F, "linear_cross_entropy")),
     "torch_native_chunked": (_native_chunked, lambda: hasattr(torch.nn, "LinearCrossEntropyOptions")),
     "naive": (_naive, lambda: True),
@@ -164,8 +192,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _vector_isa() -> str:
+    """The widest vector extension the CPU has: one model name ("AMD EPYC") covers machines
+    with and without AVX-512, whose results must not overwrite each other."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return "unknown"
+    flags = set(flags.split(":", 1)[-1].split())
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "generic"
+
+
 def _device_key() -> str:
-    return "cpu-" + re.sub(r"[^a-z0-9]+", "-", _cpu_model().lower()).strip("-")
+    return "cpu-" + re.sub(r"[^a-z0-9]+", "-", _cpu_model().lower()).strip("-") + "-" + _vector_isa()
 
 
 def _load() -> list[float]:
@@ -188,7 +227,8 @@ def write_results():
     summary = {
         "device": _cpu_model(), "host": platform.node(), "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "shape": dict(T=T, D=D, V=V, dtype="float32"), "flop_counted": FLOP, "rounds": ROUNDS,
+        "shape": dict(T=T, D=D, V=V, dtype="float32"), "flop_counted": FLOP, "flop_counted_6tdv": FLOP_6,
+        "rounds": ROUNDS,
         "load_average_before_after": [load_before, _load()], "results": RESULTS,
     }
     from r3v_fast.ops import cpp_backend
@@ -206,6 +246,15 @@ def write_results():
                 "cpu_time<=1.1x_fastest_native": entry["cpu_ms"] <= 1.1 * min(n["cpu_ms"] for n in natives),
                 "mem<=0.15x_naive": entry.get("mem_over_naive") is not None and entry["mem_over_naive"] <= 0.15,
             }
+    native = baseline.get("torch_native")
+    for ours in ("wnll_cpp_op", "wnll_cpp_direct"):
+        if ours in RESULTS and native:
+            entry = RESULTS[ours]
+            summary.setdefault("targets", {})[ours] = {
+                "time<=0.8x_torch_native": entry["ms"] <= 0.8 * native["ms"],
+                "cpu_time<=0.8x_torch_native": entry["cpu_ms"] <= 0.8 * native["cpu_ms"],
+                "mem<=0.15x_naive": entry.get("mem_over_naive") is not None and entry["mem_over_naive"] <= 0.15,
+            }
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"{_device_key()}.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
@@ -214,7 +263,8 @@ def write_results():
     print(f"\nresults -> {path}   (T={T} D={D} V={V}, load {load_before} -> {_load()})")
     for name, entry in RESULTS.items():
         mem = entry.get("peak_extra_mb")
-        print(f"{name:22s} {entry['ms']:9.1f} ms (cpu {entry['cpu_ms']:9.1f} ms) {entry['gflops']:7.1f} GFLOP/s "
+        print(f"{name:22s} {entry['ms']:9.1f} ms (cpu {entry['cpu_ms']:9.1f} ms) {entry['gflops_6tdv']:6.1f} | "
+              f"{entry['gflops']:6.1f} GFLOP/s (6|8 TDV) "
               f"{'n/a' if mem is None else f'{mem:8.1f}'} MB peak extra  "
               + "  ".join(f"{k[10:]} x{v}" for k, v in entry.items() if k.startswith("time_over_"))
               + (f"  cpu/native x{entry['cpu_time_over_torch_native']}" if "cpu_time_over_torch_native" in entry else "")
@@ -235,7 +285,7 @@ def test_fused_loss_cpu_speed_and_memory(name, benchmark):
     peak = _measure_memory_in_subprocess(name)
     RESULTS[name] = dict(ms=round(seconds * 1e3, 1), all_ms=[round(wall * 1e3, 1) for wall, _ in times],
                          cpu_ms=round(min(cpu for _, cpu in times) * 1e3, 1),
-                         gflops=round(FLOP / seconds / 1e9, 1),
+                         gflops=round(FLOP / seconds / 1e9, 1), gflops_6tdv=round(FLOP_6 / seconds / 1e9, 1),
                          peak_extra_mb=None if peak is None else round(peak / 2**20, 1))
     if name.startswith("cpp"):
         from r3v_fast.ops import cpp_backend
@@ -244,6 +294,13 @@ def test_fused_loss_cpu_speed_and_memory(name, benchmark):
             forward=round(cpp_backend.workspace_bytes(T, D, V, backward=False) / 2**20, 1),
             backward=round(cpp_backend.workspace_bytes(T, D, V, backward=True) / 2**20, 1))
         RESULTS[name]["gradient_buffers_mb"] = round((T * D + V * D) * 4 / 2**20, 1)
+    if name.startswith("wnll_cpp"):
+        from r3v_fast.ops import cpp_backend
+
+        frozen = name.endswith("frozen")
+        RESULTS[name]["workspace_mb"] = round(
+            cpp_backend.weighted_nll_workspace_bytes(T, D, V, need_weight=not frozen) / 2**20, 1)
+        RESULTS[name]["gradient_buffers_mb"] = round((T * D + (0 if frozen else V * D)) * 4 / 2**20, 1)
     benchmark.extra_info.update(RESULTS[name])
 
 

@@ -4,13 +4,16 @@
 # 1. installs, without network: the peers' wheels found in .whl/ (liger-kernel,
 #    cut-cross-entropy; .whl/ is git-ignored, so carry it to the machine), then this package
 #    (editable, no build isolation; the C++ extension is optional);
-# 2. runs the op's tests on the GPU (every test of tests/ops/test_segment_logprob.py runs on
-#    CUDA tensors there: fp32/fp16/bf16, int64 offsets, no-sync check, Inductor);
-# 3. runs the GPU benchmark and the per-kernel profile of the fused loss;
+# 2. runs the fused losses' tests on the GPU (every test of tests/ops/test_segment_logprob.py
+#    and tests/ops/test_weighted_nll.py runs on CUDA tensors there: fp32/fp16/bf16, int64
+#    offsets, no-sync checks, Inductor, bf16 dW over many chunks);
+# 3. runs the GPU benchmark (token_logprob, weighted_nll and its frozen-head row, the peers,
+#    the single-product floor) and the per-kernel profile of both fused losses;
 # 4. runs the cascade attention and sampler tests on CUDA, and their GPU benchmarks (the sampler
 #    benchmark: continuous shared vs grouped vs hf on the Qwen2-VL-2B shape, forced lengths
 #    uniform 64-384, K = 8; results in bench/results/sampler.json);
 # 5. runs the tree-packing tests and benchmark.
+# R3V_GPU_CHECK_ONLY=fused_loss stops after step 3 (the sampler and packing checks take minutes).
 # Writes bench/results/<device>.json, bench/results/gpu_tests.xml, bench/results/gpu_check.log.
 # Exit status: non-zero if the install, a test or a benchmark failed (the later steps still run).
 set -uo pipefail
@@ -54,15 +57,24 @@ fi
 python -c "import r3v_fast.ops, r3v_fast.kernels.segment_logprob" || exit 1
 
 echo "== GPU tests"
-python -m pytest tests/ops/test_segment_logprob.py tests/reference/test_segment_logprob.py -q -rs \
+python -m pytest tests/ops/test_segment_logprob.py tests/reference/test_segment_logprob.py \
+    tests/ops/test_weighted_nll.py tests/reference/test_weighted_nll.py -q -rs \
     -p no:cacheprovider --junitxml=bench/results/gpu_tests.xml || status=1
 
 echo "== GPU benchmark"
 python -m pytest bench/bench_segment_logprob_gpu.py -q -s -rs -p no:cacheprovider \
     --benchmark-json=bench/results/gpu_pytest_benchmark.json || status=1
 
-echo "== per-kernel profile of the fused loss (R3V_PROFILE_VARIANTS=all for every variant)"
-R3V_PROFILE_VARIANTS="${R3V_PROFILE_VARIANTS:-default,first}" python bench/profile_segment_logprob_gpu.py || status=1
+echo "== per-kernel profile of the fused losses (R3V_PROFILE_VARIANTS / R3V_PROFILE_WNLL_VARIANTS=all for every variant)"
+R3V_PROFILE_VARIANTS="${R3V_PROFILE_VARIANTS:-default,first}" \
+R3V_PROFILE_WNLL_VARIANTS="${R3V_PROFILE_WNLL_VARIANTS:-default,chunk256,chunk384,chunk1024,row8192}" \
+    python bench/profile_segment_logprob_gpu.py || status=1
+
+if [[ "${R3V_GPU_CHECK_ONLY:-}" == "fused_loss" ]]; then
+    echo "== done (fused loss only, status $status); results:"
+    ls -l bench/results
+    exit $status
+fi
 
 echo "== cascade decode attention (dense + paged) + samplers (continuous, grouped, hf)"
 python -m pytest tests/ops/test_cascade_attention.py tests/model/test_prefix_cache.py tests/model/test_paged_cache.py \

@@ -12,6 +12,7 @@
 
 #include "paged_attention.h"
 #include "token_logprob.h"
+#include "weighted_nll.h"
 
 namespace py = pybind11;
 
@@ -65,7 +66,7 @@ float* optional_out(const py::object& a, const char* name, const std::vector<int
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "r3v_fast C++ CPU kernels (fused LM-head token log-likelihood, paged cascade decode attention)";
+  m.doc() = "r3v_fast C++ CPU kernels (fused LM-head token log-likelihood, weighted NLL, paged cascade decode attention)";
   m.attr("simd") = r3v::simd_name();
 #ifdef _OPENMP
   m.attr("openmp") = true;
@@ -147,6 +148,35 @@ PYBIND11_MODULE(_C, m) {
       py::arg("prefix_lens"), py::arg("slot_tables"), py::arg("slot_lens"), py::arg("scale"), py::arg("out"),
       py::arg("lse"), py::arg("num_threads") = 0,
       "Writes out [S, H, Dh] and lse [S, H]: each listed slot's attention over its row's prefix and its own tokens.");
+
+  m.def(
+      "weighted_nll_fwd",
+      [](py::array hidden, py::array weight, py::object bias, py::array targets, py::array token_weights,
+         float softcap, py::array out_logp, py::object out_grad_hidden, py::object out_grad_weight,
+         py::object out_grad_bias, int64_t chunk_tokens, int num_threads) {
+        const auto tp = problem(hidden, weight, bias, targets, softcap);
+        r3v::WeightedNllProblem p{tp.hidden, tp.weight, tp.bias, tp.targets, nullptr, tp.N, tp.D, tp.V, tp.softcap};
+        p.token_weights = buffer<float>(token_weights, "token_weights", {p.N}, false);
+        float* logp = buffer<float>(out_logp, "out_logp", {p.N}, true);
+        float* dh = optional_out(out_grad_hidden, "out_grad_hidden", {p.N, p.D});
+        float* dw = optional_out(out_grad_weight, "out_grad_weight", {p.V, p.D});
+        float* db = optional_out(out_grad_bias, "out_grad_bias", {p.V});
+        if (db && !p.bias) throw py::value_error("out_grad_bias given but bias is None");
+        if (chunk_tokens < 0) throw py::value_error("chunk_tokens must be >= 0 (0 = automatic)");
+        py::gil_scoped_release release;
+        r3v::weighted_nll_fwd(p, logp, dh, dw, db, chunk_tokens, num_threads);
+      },
+      py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("token_weights"),
+      py::arg("softcap"), py::arg("out_logp"), py::arg("out_grad_hidden"), py::arg("out_grad_weight"),
+      py::arg("out_grad_bias"), py::arg("chunk_tokens") = 0, py::arg("num_threads") = 0,
+      "Writes logp[N] and the requested gradients (None = skip) of -sum(token_weights * logp).");
+
+  m.def("weighted_nll_chunk_tokens", &r3v::weighted_nll_chunk_tokens, py::arg("N"), py::arg("V"),
+        py::arg("requested") = 0, "Tokens per chunk for a request (0 = automatic).");
+
+  m.def("weighted_nll_workspace_bytes", &r3v::weighted_nll_workspace_bytes, py::arg("N"), py::arg("D"), py::arg("V"),
+        py::arg("chunk_tokens"), py::arg("num_threads"), py::arg("need_hidden") = true, py::arg("need_weight") = true,
+        "Scratch bytes one weighted_nll_fwd call allocates (besides its outputs).");
 
   m.def("token_logprob_workspace_bytes", &r3v::token_logprob_workspace_bytes, py::arg("N"), py::arg("D"), py::arg("V"),
         py::arg("num_threads"), py::arg("backward"), py::arg("need_hidden") = true, py::arg("need_weight") = true,

@@ -1,10 +1,12 @@
 // SIMD building blocks of the CPU token log-likelihood kernels: a 16-lane float vector
 // type `vf`, the exp/tanh the epilogues need, and the register-blocked GEMM micro-kernel.
 //
-// Two implementations with one interface: AVX-512 intrinsics when the compiler targets it
-// (-march=native on this AMD EPYC), and plain C++ loops over 16 lanes otherwise (the
-// portable build; the compiler vectorizes what it can). Every function is lane-wise, so the
-// two paths differ only in rounding of exp/tanh (both are ~1-2 ulp).
+// Three implementations with one interface: AVX-512 intrinsics when the compiler targets it
+// (-march=native on an AVX-512 machine), AVX2 + FMA intrinsics (a 16-lane vector is two
+// 8-lane registers) on CPUs without AVX-512, and plain C++ loops over 16 lanes otherwise (the
+// portable build; the compiler vectorizes what it can). Every function is lane-wise and the
+// exp/tanh polynomials are the same, so results agree to the last bit except where the
+// generic path's std::nearbyint / ldexp round differently (never in practice).
 #pragma once
 
 #include <cmath>
@@ -14,8 +16,14 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define R3V_AVX512 1
+#define R3V_AVX2 0
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define R3V_AVX512 0
+#define R3V_AVX2 1
 #else
 #define R3V_AVX512 0
+#define R3V_AVX2 0
 #endif
 
 namespace r3v {
@@ -50,6 +58,63 @@ inline vf vselect_lt(vf a, vf b, vf if_lt, vf otherwise) {  // per lane: a < b ?
 }
 inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vf vscale2(vf y, vf n) { return _mm512_scalef_ps(y, n); }  // y * 2^n, flushes to 0 / inf at the ends
+#elif R3V_AVX2
+struct vf { __m256 lo, hi; };  // lanes 0-7, 8-15
+inline __m256i half_mask(int n) {  // lane i of 8 active iff i < n (n may be <= 0 or >= 8)
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#define R3V_PAIR(f) vf{f(a.lo, b.lo), f(a.hi, b.hi)}
+inline vf vset1(float x) { const __m256 v = _mm256_set1_ps(x); return {v, v}; }
+inline vf vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline vf vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline vf vload_n(const float* p, int n) {  // lanes >= n are 0 and never read (no fault past the end)
+  if (n >= kLanes) return vload(p);
+  return {_mm256_maskload_ps(p, half_mask(n)), _mm256_maskload_ps(p + 8, half_mask(n - 8))};
+}
+inline void vstore(float* p, vf x) { _mm256_storeu_ps(p, x.lo); _mm256_storeu_ps(p + 8, x.hi); }
+inline void vstore_n(float* p, vf x, int n) {
+  if (n >= kLanes) return vstore(p, x);
+  _mm256_maskstore_ps(p, half_mask(n), x.lo);
+  _mm256_maskstore_ps(p + 8, half_mask(n - 8), x.hi);
+}
+inline vf vadd(vf a, vf b) { return R3V_PAIR(_mm256_add_ps); }
+inline vf vsub(vf a, vf b) { return R3V_PAIR(_mm256_sub_ps); }
+inline vf vmul(vf a, vf b) { return R3V_PAIR(_mm256_mul_ps); }
+inline vf vmax(vf a, vf b) { return R3V_PAIR(_mm256_max_ps); }
+inline vf vmin(vf a, vf b) { return R3V_PAIR(_mm256_min_ps); }
+inline vf vdiv(vf a, vf b) { return R3V_PAIR(_mm256_div_ps); }
+#undef R3V_PAIR
+inline vf vfmadd(vf a, vf b, vf c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline vf vfnmadd(vf a, vf b, vf c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
+inline vf vabs(vf a) {
+  const __m256 m = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  return {_mm256_and_ps(a.lo, m), _mm256_and_ps(a.hi, m)};
+}
+inline vf vcopysign(vf mag, vf sgn) {  // |mag| with the sign of sgn
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)));
+  return {_mm256_or_ps(_mm256_andnot_ps(sign, mag.lo), _mm256_and_ps(sign, sgn.lo)),
+          _mm256_or_ps(_mm256_andnot_ps(sign, mag.hi), _mm256_and_ps(sign, sgn.hi))};
+}
+inline vf vselect_lt(vf a, vf b, vf if_lt, vf otherwise) {  // per lane: a < b ? if_lt : otherwise
+  return {_mm256_blendv_ps(otherwise.lo, if_lt.lo, _mm256_cmp_ps(a.lo, b.lo, _CMP_LT_OQ)),
+          _mm256_blendv_ps(otherwise.hi, if_lt.hi, _mm256_cmp_ps(a.hi, b.hi, _CMP_LT_OQ))};
+}
+inline vf vround(vf a) {
+  return {_mm256_round_ps(a.lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+          _mm256_round_ps(a.hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+// y * 2^n for integral n in [-150, 128] (vexp's range): two exact factors 2^(n/2) and
+// 2^(n - n/2), each a normal float built from its exponent bits, so that one rounding happens
+// at most (into the subnormals) and 2^-150 flushes to 0, as scalef does.
+inline __m256 scale2_half(__m256 y, __m256 n) {
+  const __m256i k = _mm256_cvtps_epi32(n);
+  const __m256i k1 = _mm256_srai_epi32(k, 1), k2 = _mm256_sub_epi32(k, k1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, bias), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(y, f1), f2);
+}
+inline vf vscale2(vf y, vf n) { return {scale2_half(y.lo, n.lo), scale2_half(y.hi, n.hi)}; }
 #else
 struct vf { float x[kLanes]; };
 #define R3V_LANEWISE(expr) vf r; for (int i = 0; i < kLanes; ++i) r.x[i] = (expr); return r
@@ -152,6 +217,51 @@ inline void micro_kernel(long K, const float* A, long rsa, long csa, const float
       if (j == NV - 1) _mm512_mask_storeu_ps(C + i * ldc + 16 * j, m_last, c[i][j]);
       else _mm512_storeu_ps(C + i * ldc + 16 * j, c[i][j]);
     }
+#elif R3V_AVX2
+  // 16 ymm registers cannot hold an MR x 64 tile: the tile is done as NV column slices of 16,
+  // each MR x 16 (12 accumulators, 2 B registers, 1 broadcast). A is read once per slice (it
+  // stays in L1); every B element is still loaded once.
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const int width = j == NV - 1 ? n_last : kLanes;  // valid columns in this slice
+    const __m256i m0 = half_mask(width), m1 = half_mask(width - 8);
+    float* c_ptr = C + 16 * j;
+    __m256 c[MR][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      if (accumulate) {
+        c[i][0] = _mm256_maskload_ps(c_ptr + i * ldc, m0);
+        c[i][1] = _mm256_maskload_ps(c_ptr + i * ldc + 8, m1);
+      } else {
+        c[i][0] = c[i][1] = _mm256_setzero_ps();
+      }
+    }
+    const float* a = A;
+    const float* b = B + 16 * j;
+    for (long k = 0; k < K; ++k) {
+      // B panels are padded to whole 64-column widths, so full loads stay inside the panel;
+      // lanes past `width` only feed accumulator lanes that are never stored.
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m256 ai = _mm256_broadcast_ss(a + i * rsa);
+        c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
+        c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
+      }
+      a += csa;
+      b += ldb;
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      if (width == kLanes) {
+        _mm256_storeu_ps(c_ptr + i * ldc, c[i][0]);
+        _mm256_storeu_ps(c_ptr + i * ldc + 8, c[i][1]);
+      } else {
+        _mm256_maskstore_ps(c_ptr + i * ldc, m0, c[i][0]);
+        _mm256_maskstore_ps(c_ptr + i * ldc + 8, m1, c[i][1]);
+      }
+    }
+  }
 #else
   constexpr int NR = 16 * NV;
   const int ncols = 16 * (NV - 1) + n_last;

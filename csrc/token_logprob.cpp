@@ -29,105 +29,26 @@
 // partials stay about one dH in size. Backward with only dH: threads own tokens, no partials.
 #include "token_logprob.h"
 
-#include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
-#include <new>
 #include <vector>
 
-#include "simd.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "blocked_gemm.h"
 
 namespace r3v {
 namespace {
 
-constexpr int MR = 6;            // micro-tile rows
-constexpr int NV = 4;            // micro-tile width in vectors
-constexpr int NR = kLanes * NV;  // micro-tile columns = token panel width (64)
+using namespace blocked;
+
 constexpr long MC = 192;         // tokens per block (3 panels)
 constexpr long NC = 192;         // vocabulary rows per block (32 micro-tile rows)
 static_assert(MC % NR == 0, "a token block is a whole number of packed panels");
 static_assert(MC % kLanes == 0, "epilogue rows are whole vectors");
 
-struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
-using Buffer = std::unique_ptr<float[], FreeDeleter>;
-Buffer alloc_floats(size_t n) {  // 64-byte aligned, uninitialized
-  const size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
-  float* p = static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64));
-  if (!p) throw std::bad_alloc();  // pybind11 turns this into MemoryError
-  return Buffer(p);
-}
-
-using Kernel = void (*)(long, const float*, long, long, const float*, long, float*, long, int, bool);
-#define R3V_ROW(m) {&micro_kernel<m, 1>, &micro_kernel<m, 2>, &micro_kernel<m, 3>, &micro_kernel<m, 4>}
-const Kernel kKernels[MR][NV] = {R3V_ROW(1), R3V_ROW(2), R3V_ROW(3), R3V_ROW(4), R3V_ROW(5), R3V_ROW(6)};
-#undef R3V_ROW
-static_assert(MR == 6 && NV == 4, "kKernels lists every (rows, vectors) tail case");
-
-// C[M, N] (+)= A[M, K] B[K, N] with A(i,k) = A[i*rsa + k*csa] and C(i,j) = C[i*ldc + j].
-// B comes in column panels of NR: B(k, n) = B[(n / NR) * ldp + k * ldb + n % NR]; row-major
-// B is ldp = NR, a packed [N/NR][K][NR] panel array is ldb = NR, ldp = K * NR. Column
-// panels outer, so one K x NR sliver of B is reused by all row slivers of A.
-void gemm(long M, long N, long K, const float* A, long rsa, long csa, const float* B, long ldb, long ldp,
-          float* C, long ldc, bool accumulate) {
-  for (long n0 = 0; n0 < N; n0 += NR, B += ldp) {
-    const int width = int(std::min<long>(NR, N - n0));
-    const int nv = (width + kLanes - 1) / kLanes;
-    const int n_last = width - kLanes * (nv - 1);
-    for (long i0 = 0; i0 < M; i0 += MR) {
-      const int mr = int(std::min<long>(MR, M - i0));
-      if (accumulate) {  // prefetch the next tile's C rows (4 KiB apart: the hardware misses them)
-        const bool wrap = i0 + MR >= M;
-        const long r0 = wrap ? 0 : i0 + MR, c0 = wrap ? n0 + NR : n0;
-        if (c0 < N)
-          for (long r = r0; r < std::min(M, r0 + MR); ++r)
-            for (long l = c0; l < std::min(N, c0 + NR); l += kLanes) __builtin_prefetch(C + r * ldc + l, 1, 3);
-      }
-      kKernels[mr - 1][nv - 1](K, A + i0 * rsa, rsa, csa, B, ldb, C + i0 * ldc + n0, ldc, n_last, accumulate);
-    }
-  }
-}
-
-long ceil_div(long a, long b) { return (a + b - 1) / b; }
-long range_begin(long n, int parts, int i) { return n * i / parts; }  // even static split
-
 // Hp[q][d][j] = H[q*NR + j][d], zero for j past the last token: GEMM1's B operand, NR
-// contiguous tokens per d. Transposed in 16-wide d strips so writes stay in L1.
+// contiguous tokens per d.
 Buffer pack_hidden(const TokenLogprobProblem& p, int threads) {
-  const long panels = ceil_div(p.N, NR), D = p.D;
-  Buffer hp = alloc_floats(size_t(panels) * NR * D);
-  float* out = hp.get();
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (long q = 0; q < panels; ++q) {
-    float* dst = out + q * D * NR;
-    for (long d0 = 0; d0 < D; d0 += kLanes) {
-      const long d1 = std::min(D, d0 + kLanes);
-      for (long j = 0; j < NR; ++j) {
-        const long t = q * NR + j;
-        for (long d = d0; d < d1; ++d) dst[d * NR + j] = t < p.N ? p.hidden[t * D + d] : 0.0f;
-      }
-    }
-  }
+  Buffer hp = alloc_floats(size_t(ceil_div(p.N, NR)) * NR * p.D);
+  pack_row_panels(p.hidden, p.N, p.D, hp.get(), threads);
   return hp;
-}
-
-// dst[q][r][j] = src[r][q*NR + j] (zero past column D): rows of src cut into NR-wide column
-// panels, each panel contiguous. The B operand of GEMM2 (H) and GEMM3 (a block of W): rows
-// of a [*, D] matrix sit 4 KiB apart for D = 1024, which would map a K x NR sliver onto a
-// few L1 sets and defeat the prefetcher; packed, the sliver is one contiguous stream.
-void pack_column_panels(const float* src, long rows, long D, float* dst) {
-  for (long q = 0; q < ceil_div(D, NR); ++q) {
-    const long width = std::min<long>(NR, D - q * NR);
-    for (long r = 0; r < rows; ++r) {
-      float* out = dst + (q * rows + r) * NR;
-      std::memcpy(out, src + r * D + q * NR, sizeof(float) * size_t(width));
-      std::memset(out + width, 0, sizeof(float) * size_t(NR - width));
-    }
-  }
 }
 
 // GEMM1 for one tile: ZT[v][t] = W[v0+v] . H[t0+t] over d, v < nv, t < ceil(nt/NR)*NR.
@@ -143,11 +64,18 @@ inline vf finish_logits(vf z, const TokenLogprobProblem& p, long v) {
   return z;
 }
 
-// Forward epilogue: fold the tile into each token's running (max, sum exp(z - max)) and pick
-// up the target logit. Per 16-token group the block max is found first, so the running sum
-// is rescaled once per block: sum <- sum * exp(m_old - m_new) + sum_v exp(z_v - m_new).
+// Forward epilogue: fold the tile into each token's running (max m, sum s, compensation c)
+// and pick up the target logit. Per 16-token group the block max is found first, so the
+// running pair is rescaled once per block: (s, c) <- (s, c) * exp(m_old - m_new).
+//
+// Summation (numerics): adding each exp(z_v - m) straight into a running sum that is already
+// ~1 drops every term below half an ulp (6e-8), so a peaked distribution (a trained model's)
+// loses its whole softmax tail: 1.2e-3 per token at V = 151,936. Instead the block's terms
+// go into 4 interleaved partial sums of their own (<= 48 terms each, combined pairwise), and
+// the block total joins the running sum by an error-free TwoSum whose rounding error is kept
+// in c. The order is fixed (vocabulary blocks in order, lanes independent): deterministic.
 void forward_epilogue(const TokenLogprobProblem& p, float* zt, long v0, long nv, long t0, long nt,
-                      float* run_max, float* run_sum, float* z_target) {
+                      float* run_max, float* run_sum, float* run_comp, float* z_target) {
   for (long c0 = 0; c0 < nt; c0 += kLanes) {
     const int n = int(std::min<long>(kLanes, nt - c0));
     vf block_max = vset1(-std::numeric_limits<float>::infinity());
@@ -159,10 +87,27 @@ void forward_epilogue(const TokenLogprobProblem& p, float* zt, long v0, long nv,
     }
     const vf m_old = vload_n(run_max + t0 + c0, n);
     const vf m_new = vmax(m_old, block_max);
-    vf sum = vmul(vload_n(run_sum + t0 + c0, n), vexp(vsub(m_old, m_new)));  // exp(-inf) = 0 at start
-    for (long v = 0; v < nv; ++v) sum = vadd(sum, vexp(vsub(vload_n(zt + v * MC + c0, n), m_new)));
+    const float* col = zt + c0;
+    vf acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
+    long v = 0;
+    for (; v + 4 <= nv; v += 4) {
+      acc0 = vadd(acc0, vexp(vsub(vload_n(col + (v + 0) * MC, n), m_new)));
+      acc1 = vadd(acc1, vexp(vsub(vload_n(col + (v + 1) * MC, n), m_new)));
+      acc2 = vadd(acc2, vexp(vsub(vload_n(col + (v + 2) * MC, n), m_new)));
+      acc3 = vadd(acc3, vexp(vsub(vload_n(col + (v + 3) * MC, n), m_new)));
+    }
+    for (; v < nv; ++v) acc0 = vadd(acc0, vexp(vsub(vload_n(col + v * MC, n), m_new)));
+    const vf block = vadd(vadd(acc0, acc1), vadd(acc2, acc3));
+    const vf scale = vexp(vsub(m_old, m_new));  // exp(-inf) = 0 at the start
+    const vf s = vmul(vload_n(run_sum + t0 + c0, n), scale);
+    const vf c = vmul(vload_n(run_comp + t0 + c0, n), scale);
+    // TwoSum (Knuth): t + err == s + block exactly, whichever of the two is larger.
+    const vf t = vadd(s, block);
+    const vf block_part = vsub(t, s);
+    const vf err = vadd(vsub(s, vsub(t, block_part)), vsub(block, block_part));
     vstore_n(run_max + t0 + c0, m_new, n);
-    vstore_n(run_sum + t0 + c0, sum, n);
+    vstore_n(run_sum + t0 + c0, t, n);
+    vstore_n(run_comp + t0 + c0, vadd(c, err), n);
   }
   for (long t = 0; t < nt; ++t) {
     const long k = p.targets[t0 + t] - v0;
@@ -220,29 +165,6 @@ void backward_epilogue(const TokenLogprobProblem& p, float* zt, long v0, long nv
     }
 }
 
-int team_size(int requested) {
-#ifdef _OPENMP
-  return requested > 0 ? requested : omp_get_max_threads();
-#else
-  (void)requested;
-  return 1;
-#endif
-}
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-int thread_count() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
 // Thread `tid` of `nthr` owns tokens [begin, end): whole 64-token panels, evenly split.
 struct TokenRange { long begin, end; };
 TokenRange token_range(long N, long panels, int nthr, int tid) {
@@ -264,7 +186,7 @@ void token_logprob_fwd(const TokenLogprobProblem& p, float* logp, float* lse, in
   const int threads = int(std::min<long>(team_size(num_threads), panels));
   Buffer hp = pack_hidden(p, threads);
   // lse holds the running max and logp the target logit until the final combine.
-  std::vector<float> run_sum(size_t(p.N), 0.0f);
+  std::vector<float> run_sum(size_t(p.N), 0.0f), run_comp(size_t(p.N), 0.0f);
   std::fill(lse, lse + p.N, -std::numeric_limits<float>::infinity());
   // Per-thread scratch is allocated here: an exception must not leave a parallel region.
   std::vector<Buffer> tiles;
@@ -279,13 +201,17 @@ void token_logprob_fwd(const TokenLogprobProblem& p, float* logp, float* lse, in
       for (long t0 = own.begin; t0 < own.end; t0 += MC) {
         const long nt = std::min(MC, own.end - t0);
         logits_tile(p, hp.get(), v0, nv, t0, nt, zt);
-        forward_epilogue(p, zt, v0, nv, t0, nt, lse, run_sum.data(), logp);
+        forward_epilogue(p, zt, v0, nv, t0, nt, lse, run_sum.data(), run_comp.data(), logp);
       }
     }
   }
   for (long t = 0; t < p.N; ++t) {
-    lse[t] += std::log(run_sum[t]);  // lse = max + log(sum exp(z - max)), sum >= 1
-    logp[t] -= lse[t];
+    // sum >= 1 (the max's own term). logp = (z_target - max) - log(sum) rather than
+    // z_target - lse: lse ~ 20 carries an absolute rounding of ~1e-6 that the difference
+    // would keep, while z_target - max is exact (0 when the target is the max).
+    const float log_sum = std::log(run_sum[t] + run_comp[t]);
+    logp[t] = (logp[t] - lse[t]) - log_sum;
+    lse[t] += log_sum;
   }
 }
 
@@ -372,7 +298,7 @@ int64_t token_logprob_workspace_bytes(int64_t N, int64_t D, int64_t V, int num_t
   const long threads = std::min<long>(team_size(num_threads), by_vocab ? vocab_blocks : panels);
   const bool partials = by_vocab && need_hidden && threads > 1;
   int64_t floats = panels * NR * D + threads * NC * MC;                       // Hp, logit tiles
-  if (!backward) floats += N;                                                 // running sums
+  if (!backward) floats += 2 * N;                                             // running sums + compensations
   if (backward && need_hidden) floats += threads * NC * d_padded;             // packed W blocks
   if (backward && need_weight) floats += N * d_padded;                        // Hc
   if (partials) floats += (threads - 1) * backward_chunk_tokens(N, int(threads), true) * D;  // dH partials
@@ -380,6 +306,6 @@ int64_t token_logprob_workspace_bytes(int64_t N, int64_t D, int64_t V, int num_t
 }
 
 int max_threads() { return team_size(0); }
-const char* simd_name() { return R3V_AVX512 ? "avx512" : "generic"; }
+const char* simd_name() { return R3V_AVX512 ? "avx512" : R3V_AVX2 ? "avx2" : "generic"; }
 
 }  // namespace r3v

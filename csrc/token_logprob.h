@@ -32,6 +32,6 @@ int64_t token_logprob_workspace_bytes(int64_t N, int64_t D, int64_t V, int num_t
                                       bool need_hidden, bool need_weight, bool need_bias);
 
 int max_threads();   // OpenMP's default team size (1 without OpenMP)
-const char* simd_name();  // "avx512" or "generic"
+const char* simd_name();  // "avx512", "avx2" or "generic"
 
 }  // namespace r3v

@@ -6,12 +6,15 @@
 
 With ``labels`` the patched forward runs the model's own forward with the LM head turned into
 the identity for the duration of the call, so the model returns its final hidden states where
-the logits would be; the loss is then ``r3v_fast.ops.token_logprob`` on those states and the
+the logits would be; the loss is then ``r3v_fast.ops.weighted_nll`` on those states and the
 head's weight (and bias). The [tokens x vocab] logits are never formed, in forward or backward.
 The loss is HF's default causal-LM loss: labels shifted left by one, ``ignore_index`` -100,
 mean over the target tokens, or sum / ``num_items_in_batch`` when the Trainer passes it
-(gradient accumulation); an explicit ``shift_labels`` is used as given. Without labels the
-original forward runs untouched (generation, evaluation logits).
+(gradient accumulation); an explicit ``shift_labels`` is used as given. Both are weighted sums
+with weights known before the forward (1/n_target or 1/num_items_in_batch per target token),
+so the gradients are formed during the forward: three LM-head products instead of four, two
+when the head is frozen. Without labels the original forward runs untouched (generation,
+evaluation logits).
 
 Only the model's forward is wrapped (functools.wraps keeps its signature, which the Trainer
 inspects); no modeling code is copied. A peft model is patched on its base model. Models that
@@ -29,7 +32,7 @@ import torch
 from torch import Tensor
 
 from r3v_fast.model.loading import unwrap_peft
-from r3v_fast.ops import token_logprob
+from r3v_fast.ops import weighted_nll
 
 __all__ = ["apply_fused_loss", "remove_fused_loss", "causal_lm_loss"]
 
@@ -43,18 +46,24 @@ def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor | None, *, bia
     """HF's ForCausalLMLoss on hidden [B, S, D] and lm_head weight [V, D], without logits.
 
     Mean of -log p over target tokens (NaN if there are none, like F.cross_entropy), or their
-    sum / num_items_in_batch when given. The division uses a device tensor: no host sync.
+    sum / num_items_in_batch when given: ``weighted_nll`` with token weights 1/denominator,
+    whose gradients come out of the forward. The denominator stays a device tensor: no sync.
     """
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # [B, S]
     shift_labels = shift_labels.to(hidden.device)
-    logp = token_logprob(hidden, weight, shift_labels, bias=bias, ignore_index=ignore_index, backend=backend)
-    total = -logp.sum()  # fp32
+    is_target = shift_labels != ignore_index  # [B, S]
     if num_items_in_batch is None:
-        return total / (shift_labels != ignore_index).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        denominator = is_target.sum()
+    elif torch.is_tensor(num_items_in_batch):
+        denominator = num_items_in_batch.to(hidden.device)
+    else:
+        denominator = torch.tensor(num_items_in_batch, device=hidden.device)
+    token_weights = is_target.to(torch.float32) / denominator  # [B, S]; 1/n in fp32 per target token
+    loss = weighted_nll(hidden, weight, shift_labels, token_weights, bias=bias, ignore_index=ignore_index,
+                        backend=backend)
+    # No targets: 0/0 weights, yet ignored tokens weigh nothing, so the sum is 0; NaN as HF's.
+    return torch.where(denominator != 0, loss, float("nan"))
 
 
 def _return_hidden_states(hidden_states, *args, **kwargs):

@@ -3,7 +3,8 @@
 Each model is built here from its config (Llama, Qwen2 with tied embeddings, Qwen2-VL and
 Qwen2.5-VL text-only and with an image, LLaVA with an image); the patched copy must give the
 unpatched model's loss and parameter gradients (rel 1e-5), logits=None, and a Trainer must
-step with it.
+step with it. The loss (weighted_nll with weights 1/n) must also give the gradients of the
+earlier token_logprob path under an upstream gradient other than 1.
 """
 
 from __future__ import annotations
@@ -131,6 +132,41 @@ def test_num_items_in_batch_shift_labels_tuple_output_and_no_labels():
     # without labels the original forward runs: real logits
     torch.testing.assert_close(patched(**unlabelled).logits, model(**unlabelled).logits)
     assert remove_fused_loss(patched).forward.__func__ is type(patched).forward
+
+
+def _token_logprob_causal_loss(hidden, weight, labels, bias, num_items_in_batch, backend):
+    """The path apply_fused_loss took before weighted_nll: -Σ token_logprob / denominator."""
+    from r3v_fast.ops import token_logprob
+
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    total = -token_logprob(hidden, weight, shifted, bias=bias, backend=backend).sum()
+    return total / ((shifted != -100).sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, torch.tensor(37)], ids=["mean", "num_items"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_causal_lm_loss_gradients_match_the_token_logprob_path(backend, num_items_in_batch):
+    from r3v_fast.ops import cpp_backend
+
+    if backend == "cpp" and not cpp_backend.available():
+        pytest.skip("r3v_fast._C is not built")
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 16, WIDTH, generator=g)
+    weight = torch.randn(VOCAB, WIDTH, generator=g) / WIDTH ** 0.5
+    bias = torch.randn(VOCAB, generator=g)
+    labels = make_batch("llama", False)["labels"]
+    results = []
+    for loss_fn in (causal_lm_loss, _token_logprob_causal_loss):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        if loss_fn is causal_lm_loss:
+            loss = loss_fn(leaves[0], leaves[1], labels, bias=leaves[2], num_items_in_batch=num_items_in_batch,
+                           backend=backend)
+        else:
+            loss = loss_fn(leaves[0], leaves[1], labels, leaves[2], num_items_in_batch, backend)
+        (loss * 0.7).backward()  # an upstream gradient other than 1 (e.g. gradient accumulation)
+        results.append((loss.detach(), *(t.grad for t in leaves)))
+    for name, new, old in zip(("loss", "d_hidden", "d_weight", "d_bias"), *results):
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6 * old.abs().max().item(), msg=name)
 
 
 def test_causal_lm_loss_is_nan_without_targets_like_cross_entropy():

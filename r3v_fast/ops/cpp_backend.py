@@ -1,15 +1,23 @@
-"""The "cpp" backend (fused token log-likelihood, paged decode attention): torch tensors in, r3v_fast._C out.
+"""The "cpp" backend (fused token log-likelihood, weighted NLL, paged decode attention): torch tensors in,
+r3v_fast._C out.
 
 r3v_fast._C (csrc/, built by CMake + pybind11, no torch headers) works on raw float/int64
 buffers. This module checks the tensors, hands them over zero-copy as numpy views, allocates
-the outputs as torch tensors and lets the C++ code write into them. The ops in
-r3v_fast/ops/ dispatch here on the CPU when ``available()``.
+the outputs as torch tensors and lets the C++ code write into them. The ops in r3v_fast/ops/
+(token_logprob, segment_logprob, weighted_nll, paged_cascade_decode_attention) dispatch here on
+the CPU when ``available()``.
 
 Numerics (csrc/token_logprob.cpp): fp32 accumulation of every dot product, of the
 logsumexp and of dW/db; the target logit is taken from the fp32 tile before any rounding.
+The logsumexp sums each vocabulary block separately and adds the block totals with a
+compensated (TwoSum) running sum, so the tail of a peaked softmax is kept.
 The [N, V] logits are never stored; backward recomputes them tile by tile. Results are
 bitwise reproducible for a fixed ``torch.get_num_threads()``; logp, lse, d weight and d bias
 even for any thread count (only d hidden sums per-thread partials).
+
+weighted_nll (csrc/weighted_nll.cpp) forms its gradients in the forward, chunk by chunk (one
+[V, chunk] fp32 logits buffer, three GEMMs), with the same numerics; all of its results are
+bitwise identical for any thread count.
 """
 
 from __future__ import annotations
@@ -82,6 +90,35 @@ def token_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                          None if grad_weight is None else grad_weight.numpy(),
                          None if grad_bias is None else grad_bias.numpy(), torch.get_num_threads())
     return grad_hidden, grad_weight, grad_bias
+
+
+def weighted_nll_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                     token_weights: torch.Tensor, softcap: float, need_hidden: bool, need_weight: bool,
+                     need_bias: bool, *, chunk_tokens: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(logp [N], d hidden [N, D], d weight [V, D], d bias [V]) of L = -sum_n token_weights[n] * logp[n],
+    gradients formed in the forward (csrc/weighted_nll.cpp); each gradient None unless requested
+    (d bias also None without a bias). token_weights [N] f32; chunk_tokens 0: automatic."""
+    _require()
+    h, w, b, t = _inputs(hidden, weight, bias, targets)
+    n, d = h.shape
+    v = w.shape[0]
+    logp = torch.empty(n, dtype=torch.float32)                                              # [N]
+    grad_hidden = torch.empty(n, d, dtype=torch.float32) if need_hidden else None           # [N, D]
+    grad_weight = torch.empty(v, d, dtype=torch.float32) if need_weight else None           # [V, D]
+    grad_bias = torch.empty(v, dtype=torch.float32) if need_bias and b is not None else None  # [V]
+    _C.weighted_nll_fwd(h, w, b, t, _as_buffer(token_weights, "token_weights", torch.float32), float(softcap),
+                        logp.numpy(), None if grad_hidden is None else grad_hidden.numpy(),
+                        None if grad_weight is None else grad_weight.numpy(),
+                        None if grad_bias is None else grad_bias.numpy(), int(chunk_tokens), torch.get_num_threads())
+    return logp, grad_hidden, grad_weight, grad_bias
+
+
+def weighted_nll_workspace_bytes(n: int, d: int, v: int, *, need_hidden: bool = True, need_weight: bool = True,
+                                 chunk_tokens: int = 0) -> int:
+    """Scratch bytes one weighted_nll_fwd call allocates besides its outputs (for memory reports)."""
+    _require()
+    return _C.weighted_nll_workspace_bytes(n, d, v, chunk_tokens, torch.get_num_threads(), need_hidden, need_weight)
 
 
 def workspace_bytes(n: int, d: int, v: int, *, backward: bool, need_hidden: bool = True,

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from r3v_fast.ops import segment_logprob_backends as backends
+from r3v_fast.ops.backend import resolve_backend
 
 __all__ = ["token_logprob", "segment_logprob"]
 
@@ -115,33 +116,38 @@ _segment_sum_op.register_autograd(_segment_sum_backward, setup_context=_segment_
 
 
 # ---------------------------------------------------------------- public functions
-def _check(cond: bool, message: str) -> None:
+def _check(cond: bool, message: str, op: str = "segment_logprob") -> None:
     if not cond:
-        raise ValueError(f"segment_logprob: {message}")
+        raise ValueError(f"{op}: {message}")
 
 
-def _prepare(hidden, weight, targets, bias, ignore_index, softcap, backend):
-    """Validate shapes/dtypes (no data reads on CUDA), flatten, resolve the backend."""
+def _prepare(hidden, weight, targets, bias, ignore_index, softcap, backend, op="segment_logprob"):
+    """Validate shapes/dtypes (no data reads on CUDA), flatten, resolve the backend.
+
+    Shared by every LM-head op (``op`` names it in errors and in the backend choice)."""
+    def check(cond, message):  # errors name the calling op
+        _check(cond, message, op)
+
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        _check(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}")
-    _check(hidden.dim() >= 1 and hidden.is_floating_point(),
-           f"hidden must be a floating tensor [*, D], got {hidden.dtype} {tuple(hidden.shape)}")
-    _check(weight.dim() == 2 and weight.is_floating_point(),
-           f"weight must be a floating tensor [V, D], got {weight.dtype} {tuple(weight.shape)}")
+        check(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}")
+    check(hidden.dim() >= 1 and hidden.is_floating_point(),
+          f"hidden must be a floating tensor [*, D], got {hidden.dtype} {tuple(hidden.shape)}")
+    check(weight.dim() == 2 and weight.is_floating_point(),
+          f"weight must be a floating tensor [V, D], got {weight.dtype} {tuple(weight.shape)}")
     vocab, dim = weight.shape
-    _check(vocab > 0 and dim > 0, f"weight must be non-empty [V, D], got {tuple(weight.shape)}")
-    _check(hidden.shape[-1] == dim, f"hidden last dim {hidden.shape[-1]} != weight dim D={dim}")
-    _check(not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool,
-           f"targets must be an integer tensor, got {targets.dtype}")
-    _check(targets.shape == hidden.shape[:-1] or (targets.dim() == 1 and targets.numel() * dim == hidden.numel()),
-           f"targets shape {tuple(targets.shape)} does not match hidden {tuple(hidden.shape)} leading dims")
+    check(vocab > 0 and dim > 0, f"weight must be non-empty [V, D], got {tuple(weight.shape)}")
+    check(hidden.shape[-1] == dim, f"hidden last dim {hidden.shape[-1]} != weight dim D={dim}")
+    check(not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool,
+          f"targets must be an integer tensor, got {targets.dtype}")
+    check(targets.shape == hidden.shape[:-1] or (targets.dim() == 1 and targets.numel() * dim == hidden.numel()),
+          f"targets shape {tuple(targets.shape)} does not match hidden {tuple(hidden.shape)} leading dims")
     if bias is not None:
-        _check(isinstance(bias, Tensor) and tuple(bias.shape) == (vocab,) and bias.is_floating_point(),
-               f"bias must be a floating tensor [V={vocab}], got {getattr(bias, 'shape', bias)}")
+        check(isinstance(bias, Tensor) and tuple(bias.shape) == (vocab,) and bias.is_floating_point(),
+              f"bias must be a floating tensor [V={vocab}], got {getattr(bias, 'shape', bias)}")
     for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
-        _check(t is None or t.device == hidden.device, f"{name} is on {t.device if t is not None else ''}, "
-               f"hidden on {hidden.device}")
-    _check(softcap is None or softcap > 0, f"softcap must be None or > 0, got {softcap}")
+        check(t is None or t.device == hidden.device, f"{name} is on {t.device if t is not None else ''}, "
+              f"hidden on {hidden.device}")
+    check(softcap is None or softcap > 0, f"softcap must be None or > 0, got {softcap}")
     hidden_2d = hidden.reshape(-1, dim)  # [T, D]; a view (any strides) whenever possible
     targets_1d = targets.reshape(-1).to(torch.int64)  # [T]
     if targets_1d.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -149,9 +155,9 @@ def _prepare(hidden, weight, targets, bias, ignore_index, softcap, backend):
         bad = ((targets_1d != ignore_index) & ((targets_1d < 0) | (targets_1d >= vocab))).nonzero()
         if bad.numel():
             i = int(bad[0, 0])
-            raise ValueError(f"segment_logprob: targets[{i}] = {int(targets_1d[i])} is outside the vocabulary "
+            raise ValueError(f"{op}: targets[{i}] = {int(targets_1d[i])} is outside the vocabulary "
                              f"[0, {vocab}) and is not ignore_index={ignore_index} ({bad.numel()} such tokens)")
-    return hidden_2d, targets_1d, float(softcap or 0.0), backends.resolve_backend(backend, hidden.device)
+    return hidden_2d, targets_1d, float(softcap or 0.0), resolve_backend(op, backend, hidden.device)
 
 
 def token_logprob(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,

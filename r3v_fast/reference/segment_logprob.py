@@ -40,9 +40,15 @@ def token_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     step = _rows_per_chunk(weight.shape[0], chunk_elements)
     for start in range(0, n, step):
         z = _logits(hidden[start:start + step], weight, bias, softcap)  # [rows, V]
-        lse_chunk = torch.logsumexp(z, dim=1)
-        logp[start:start + step] = z.gather(1, targets[start:start + step, None])[:, 0] - lse_chunk
-        lse[start:start + step] = lse_chunk
+        z_max = z.max(dim=1).values  # [rows]
+        # The sum of exp(z - max) accumulates in float64: an fp32 sum that is already ~1 drops
+        # terms below half an ulp, the softmax tail of a peaked distribution. logp is
+        # (z_t - max) - log(sum) rather than z_t - lse: lse ~ 20 carries an absolute rounding
+        # of ~1e-6 that the difference would keep, while z_t - max is exact.
+        log_sum = torch.log(torch.exp(z - z_max[:, None]).sum(dim=1, dtype=torch.float64)).to(z.dtype)  # [rows]
+        z_target = z.gather(1, targets[start:start + step, None])[:, 0]  # [rows]
+        logp[start:start + step] = (z_target - z_max) - log_sum
+        lse[start:start + step] = z_max + log_sum
     return logp, lse
 
 

@@ -202,3 +202,99 @@ def test_bad_inputs_raise_clear_errors():
         cpp_backend.token_logprob_fwd(hidden, weight[:, :7], b, targets, 0.0)
     with pytest.raises(ValueError, match="softcap"):
         cpp_backend.token_logprob_fwd(hidden, weight, b, targets, -1.0)
+
+
+# ---------------------------------------------------------------- weighted_nll (csrc/weighted_nll.cpp)
+def _weighted_autograd(hidden, weight, bias, targets, token_weights, softcap, dtype):
+    """(logp, dH, dW, db) of L = -sum w * logp from full logits in ``dtype``."""
+    h = hidden.to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    b = None if bias is None else bias.to(dtype).requires_grad_()
+    z = h @ w.T + (0 if b is None else b)                                       # [N, V]
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, dim=-1).gather(1, targets[:, None])[:, 0]       # [N]
+    if h.shape[0] > 0:
+        (-(token_weights.to(dtype) * logp).sum()).backward()
+    grads = [None if t is None else (t.grad if t.grad is not None else torch.zeros_like(t)) for t in (h, w, b)]
+    return (logp.detach(), *grads)
+
+
+@pytest.mark.parametrize("n,d,v,chunk", [(47, 123, 507, 0), (200, 70, 250, 64), (193, 65, 193, 128),
+                                         (130, 64, 200, 64), (1, 5, 3, 0), (64, 130, 97, 64)])
+@pytest.mark.parametrize("bias,softcap", [(False, 0.0), (True, 3.0)])
+def test_weighted_nll_matches_float64(n, d, v, chunk, bias, softcap):
+    # chunk 64 with n = 200: four chunks, the last one partial, dW and db accumulated across them.
+    hidden, weight, b, targets, _ = _problem(n, d, v, bias=bias, scale=3.0)
+    token_weights = torch.rand(n, generator=torch.Generator().manual_seed(9))
+    token_weights[::3] = 0.0
+    ref = _weighted_autograd(hidden, weight, b, targets, token_weights, softcap, torch.float64)
+    eager = _weighted_autograd(hidden, weight, b, targets, token_weights, softcap, torch.float32)
+    got = cpp_backend.weighted_nll_fwd(hidden, weight, b, targets, token_weights, softcap, True, True, bias,
+                                       chunk_tokens=chunk)
+    for name, g, r, e in zip(("logp", "dH", "dW", "db"), got, ref, eager):
+        if r is None:
+            assert g is None
+        else:
+            assert g.shape == r.shape and g.dtype == torch.float32
+            _check_close(name, g, r, e)
+
+
+@pytest.mark.parametrize("need", list(itertools.product([False, True], repeat=3)))
+def test_weighted_nll_each_gradient_subset(need):
+    hidden, weight, b, targets, _ = _problem(150, 40, 300, bias=True, scale=2.0, seed=1)
+    token_weights = torch.full((150,), 1 / 150)
+    full = cpp_backend.weighted_nll_fwd(hidden, weight, b, targets, token_weights, 2.0, True, True, True,
+                                        chunk_tokens=64)
+    got = cpp_backend.weighted_nll_fwd(hidden, weight, b, targets, token_weights, 2.0, *need, chunk_tokens=64)
+    assert torch.equal(got[0], full[0])
+    for flag, name, g, f in zip(need, ("dH", "dW", "db"), got[1:], full[1:]):
+        if flag:
+            assert torch.equal(g, f), f"{name} depends on which other gradients were asked for"
+        else:
+            assert g is None, f"{name} was not requested"
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_weighted_nll_bitwise_identical_for_any_thread_count(threads):
+    # Every output has one owner and a thread-independent summation order (unlike
+    # token_logprob's dH): several chunks, vocabulary blocks and column panels.
+    hidden, weight, b, targets, _ = _problem(300, 200, 1000, bias=True, seed=4)
+    token_weights = torch.rand(300, generator=torch.Generator().manual_seed(5))
+    default = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, threads):
+            torch.set_num_threads(count)
+            results.append(cpp_backend.weighted_nll_fwd(hidden, weight, b, targets, token_weights, 4.0,
+                                                        True, True, True, chunk_tokens=128))
+    finally:
+        torch.set_num_threads(default)
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+def test_weighted_nll_chunk_and_workspace_accounting():
+    from r3v_fast import _C
+
+    assert _C.weighted_nll_chunk_tokens(4096, 32768, 0) == 512       # 64 MiB of fp32 logits
+    assert _C.weighted_nll_chunk_tokens(8192, 151936, 0) == 256      # at least 256 tokens
+    assert _C.weighted_nll_chunk_tokens(47, 507, 0) == 64            # never more than the tokens
+    assert _C.weighted_nll_chunk_tokens(1000, 507, 100) == 128       # whole 64-token panels
+    assert cpp_backend.weighted_nll_workspace_bytes(0, 8, 5) == 0
+    full = cpp_backend.weighted_nll_workspace_bytes(4096, 1024, 32768)
+    assert 64 << 20 < full < 80 << 20
+    assert cpp_backend.weighted_nll_workspace_bytes(4096, 1024, 32768, need_weight=False) < full
+
+
+def test_weighted_nll_empty_and_bad_inputs():
+    hidden, weight, b, targets, _ = _problem(0, 8, 5, bias=True)
+    logp, dh, dw, db = cpp_backend.weighted_nll_fwd(hidden, weight, b, targets, torch.zeros(0), 0.0, True, True, True)
+    assert logp.shape == (0,) and dh.shape == (0, 8) and torch.equal(dw, torch.zeros(5, 8))
+    assert torch.equal(db, torch.zeros(5))
+    hidden, weight, b, targets, _ = _problem(4, 8, 5)
+    with pytest.raises(ValueError, match="token_weights"):
+        cpp_backend.weighted_nll_fwd(hidden, weight, None, targets, torch.ones(3), 0.0, True, True, False)
+    with pytest.raises(ValueError, match=r"targets\[2\] = 5 is out of range"):
+        cpp_backend.weighted_nll_fwd(hidden, weight, None, torch.tensor([0, 1, 5, 2]), torch.ones(4), 0.0,
+                                     True, False, False)
