@@ -22,6 +22,9 @@ bitwise identical for any thread count.
 
 from __future__ import annotations
 
+import ctypes
+
+import numpy as np
 import torch
 
 try:
@@ -41,15 +44,30 @@ def _require() -> None:
                            "(`pip install -e .`, without R3V_NO_CPP=1) or use backend='torch'")
 
 
+_CTYPES = {torch.float32: ctypes.c_float, torch.int64: ctypes.c_int64, torch.int32: ctypes.c_int32}
+_NUMPY = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
+
+
 def _as_buffer(tensor: torch.Tensor, name: str, dtype: torch.dtype):
-    """A contiguous CPU tensor of ``dtype`` as a numpy view (no copy when already contiguous)."""
+    """A contiguous CPU tensor of ``dtype`` as a numpy view (no copy when already contiguous).
+
+    The view is made from the data pointer, not with ``Tensor.numpy()``: that would mark the
+    tensor's storage as not resizable for good, and FSDP2 frees and regrows the storage of
+    unsharded parameters (the LM-head weight) around every forward. The view keeps the tensor
+    alive for as long as it exists."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device.type != "cpu":
         raise ValueError(f"{name}: the cpp backend runs on the CPU, got a tensor on {tensor.device}")
     if tensor.dtype != dtype:
         raise TypeError(f"{name}: the cpp backend takes {dtype}, got {tensor.dtype}")
-    return tensor.detach().contiguous().numpy()
+    tensor = tensor.detach().contiguous()
+    if tensor.numel() == 0:
+        return np.empty(tuple(tensor.shape), dtype=_NUMPY[dtype])
+    memory = (_CTYPES[dtype] * tensor.numel()).from_address(tensor.data_ptr())
+    memory.owner = tensor   # the numpy view holds `memory`, which holds the tensor
+    # numpy's own dtype object (the ctypes-derived one is equal but not the same to pybind11)
+    return np.ctypeslib.as_array(memory).view(_NUMPY[dtype]).reshape(tuple(tensor.shape))
 
 
 def _inputs(hidden, weight, bias, targets):
