@@ -188,6 +188,7 @@ def tiny_model(tiny_qwen2vl_dir):
 
 
 def train(model, processor, examples, state_dir, log=None, **changes):
+    changes = {"max_tokens": 2000, **changes}
     trainer = Trainer(copy.deepcopy(model), processor, Accelerator(cpu=True), options(**changes), state_dir,
                       log=log or (lambda *a: None), show_progress=False)
     summary = trainer.train(examples)
@@ -278,8 +279,8 @@ def test_corrupt_image_mid_epoch_is_skipped_counted_and_named(tiny_model, image_
 
 def test_a_bad_prompt_in_a_worker_stops_the_run_with_its_question(tiny_model, image_paths, tmp_path):
     model, processor = tiny_model
-    examples = mix(processor, image_paths)
-    examples[4] = Example("sft", examples[4].group, examples[4].image, "no placeholder here", "x",
-                          examples[4].question_id)
-    with pytest.raises(ValueError, match=f"question '{examples[4].question_id}'.*image placeholder"):
+    # Every question's SFT prompt lost its image placeholder: the first step's worker meets one.
+    examples = [Example(ex.task, ex.group, ex.image, "no placeholder here", ex.target, ex.question_id)
+                if ex.task == "sft" else ex for ex in mix(processor, image_paths)]
+    with pytest.raises(ValueError, match=r"question 'q\d+' \(sft example \d+\).*0 image placeholder"):
         train(model, processor, examples, tmp_path / "state")
