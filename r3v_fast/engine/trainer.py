@@ -312,12 +312,16 @@ class Trainer:
         try:
             with interrupts_as_keyboard_interrupt(), batches_of as step_batches:
                 for step in range(start, end):
+                    asked = time.time()
                     step_batch = next(step_batches)
+                    ready = time.time()
                     if step_batch.step != step:
                         raise RuntimeError(f"the data path delivered step {step_batch.step} for step {step}")
                     self._note_loaded(step_batch, image_stats)
                     record = self._step(wrapper, optimizer, scheduler, step_batch, step)
-                    record["seconds"] = time.time() - t0
+                    # Seconds since train() began: at the end of the step and when its batches
+                    # were ready; and how long the step waited for them.
+                    record.update(seconds=time.time() - t0, batch_ready_s=ready - t0, data_wait_s=ready - asked)
                     history.append(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
