@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sys
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager, nullcontext
@@ -284,8 +285,8 @@ class Trainer:
         if dropped:
             self.log(f"dropped {sum(dropped.values())} over-long examples: {dict(dropped)}")
         self._skips = {}
-        for skip in plan_skips:
-            self._note_skip(skip)
+        for skip in plan_skips:       # the same list on every rank: the main process says it
+            self._note_skip(skip, announce=getattr(acc, "is_main_process", True))
         if not n_kept:
             raise ValueError("no trainable example left (all dropped or none built)")
 
@@ -341,11 +342,16 @@ class Trainer:
         summary.update(self._data_report(image_stats))
         return summary
 
-    def _note_skip(self, skip: Skip) -> None:
-        """Log a skipped group the first time it is met and remember its examples."""
-        if not any(i in self._skips for i in skip.indices):
-            self.log(f"skipped {len(skip.indices)} example(s) of question {skip.question_id!r} "
-                     f"({skip.reason}): {skip.message}")
+    def _note_skip(self, skip: Skip, *, announce: bool = True) -> None:
+        """Log a skipped group the first time it is met (on the rank that met it) and remember
+        its examples."""
+        if announce and not any(i in self._skips for i in skip.indices):
+            message = (f"skipped {len(skip.indices)} example(s) of question {skip.question_id!r} "
+                       f"({skip.reason}): {skip.message}")
+            if getattr(self.accelerator, "is_main_process", True):
+                self.log(message)
+            else:                      # the run's log is the main process's; say it on stderr
+                print(f"[rank {self.accelerator.process_index}] {message}", file=sys.stderr, flush=True)
         for i in skip.indices:
             self._skips.setdefault(i, skip)
 

@@ -29,7 +29,6 @@ from r3v_fast.engine.stream import (GroupWork, StepSampler, default_num_workers,
                                     step_loader, workers_started)
 from r3v_fast.engine.trainer import TrainOptions, Trainer
 from r3v_fast.model.loading import load_vlm, pad_id
-from r3v_fast.model.tree_attention import TreeMeta
 
 # (height, width, file format) of the question images: square, landscape, portrait, tiny, odd.
 IMAGES = [(112, 112, "png"), (84, 140, "jpg"), (140, 84, "png"), (56, 56, "jpg"), (150, 200, "png"),
@@ -284,3 +283,19 @@ def test_a_bad_prompt_in_a_worker_stops_the_run_with_its_question(tiny_model, im
                 if ex.task == "sft" else ex for ex in mix(processor, image_paths)]
     with pytest.raises(ValueError, match=r"question 'q\d+' \(sft example \d+\).*0 image placeholder"):
         train(model, processor, examples, tmp_path / "state")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_arrive_pinned_and_move_to_the_device(tiny_qwen2vl_dir, image_paths):
+    processor = AutoProcessor.from_pretrained(tiny_qwen2vl_dir)
+    examples = mix(processor, image_paths)
+    _, steps, _, _ = fake_trainer(processor, options())._plan_stream(examples)
+    loader = step_loader(processor, examples, steps[:2], start=0, rank=0, world=1, mode="tree", max_tokens=600,
+                         max_length=1000, pad_id=pad_id(processor), num_workers=1, pin_memory=True)
+    with workers_started():
+        first = next(iter(loader))
+    batch = first.batches[0]
+    assert batch.input_ids.is_pinned() and batch.image_inputs["pixel_values"].is_pinned()
+    assert batch.tree.ancestor.is_pinned()
+    moved = batch.to("cuda", non_blocking=True)
+    assert moved.input_ids.is_cuda and torch.equal(moved.target_ids.cpu(), batch.target_ids)
