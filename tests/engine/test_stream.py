@@ -2,8 +2,9 @@
 processor with its image, up front).
 
 - The same micro-batches, field by field (token ids, positions, tree layout, targets, segment
-  ids, image tensors), for the tiny Qwen2-VL, Qwen2.5-VL and LLaVA, tree and none packing, one
-  and two ranks, with over-long examples dropped, in worker processes and in-process.
+  ids, image tensors), for the tiny Qwen2-VL, Qwen2.5-VL and LLaVA processors and a LLaVA-NeXT
+  one (anyres tiles), tree and none packing, one and two ranks, with over-long examples
+  dropped, in worker processes and in-process.
 - Training on it gives the same weights; a run interrupted mid-epoch and resumed gives the same
   later batches and the same weights as an uninterrupted one.
 - An image that cannot be decoded, met in a worker mid-epoch, leaves its question out (counted,
@@ -100,10 +101,28 @@ def image_paths(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("stream_images"))
 
 
+def llava_next_processor():
+    """A LLaVA-NeXT processor (anyres tiling over 56 px tiles) with the tiny LLaVA tokenizer;
+    no model is needed to compare the two data paths."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from r3v_fast.model.tiny import LLAVA_CHAT_TEMPLATE, make_tiny_llava
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=make_tiny_llava()[1].tokenizer,
+                              patch_size=14, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+
+
 @pytest.mark.parametrize("packing", ["tree", "none"])
-@pytest.mark.parametrize("kind", ["tiny_qwen2vl_dir", "tiny_qwen2_5vl_dir", "tiny_llava_dir"])
+@pytest.mark.parametrize("kind", ["tiny_qwen2vl_dir", "tiny_qwen2_5vl_dir", "tiny_llava_dir", "llava_next"])
 def test_stream_yields_the_eager_batches(kind, packing, image_paths, request):
-    processor = AutoProcessor.from_pretrained(request.getfixturevalue(kind))
+    if kind == "llava_next":
+        processor = llava_next_processor()
+    else:
+        processor = AutoProcessor.from_pretrained(request.getfixturevalue(kind))
     examples = mix(processor, image_paths)
     lengths = sorted(len(t) for t in tokenize_examples(processor, examples, max_length=10**6)[0])
     # A limit that drops the longest few examples: both paths must drop the same ones.
