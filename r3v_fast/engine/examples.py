@@ -207,12 +207,13 @@ def tokenize_examples(processor, examples: Sequence[Example], *, max_length: int
         target_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
         image_inputs: dict[str, torch.Tensor] = {}
         if ex.image:
-            image_inputs = shared_images.setdefault(
-                ex.image, {k: v for k, v in encoded.items() if k in _IMAGE_KEYS})
+            image_inputs = shared_images.get(ex.image) or {k: v for k, v in encoded.items() if k in _IMAGE_KEYS}
         tokenized = _build(ex, index, encoded["input_ids"][0], target_ids, eot, image_inputs, image_token,
                            merge_size, max_length, dropped)
         if tokenized is not None:
             kept.append(tokenized)
+            if ex.image:
+                shared_images.setdefault(ex.image, image_inputs)     # kept examples only
     return kept, dropped
 
 
