@@ -47,6 +47,11 @@ steps/s no worse than eager. The test asserts the first two and, of the third, t
 part (the first step's batches ready within 10 s); the step's compute is the model's and is
 reported next to it.
 
+A second test, ``test_steady_state_on_few_cores``, runs the same 14 steps with eager loading,
+eager loading next to a process keeping another core 25 % busy, streaming with one worker and
+streaming in the training process, to show where the streaming path's steady-state time goes
+on a machine without an idle core.
+
 Results: bench/results/data_path.json, keyed by device. Run (tens of minutes on 2 cores):
     python -m pytest bench/bench_data_path.py -q -s
 R3V_BENCH_QUESTIONS (default "1000,5000,20000") and R3V_BENCH_EAGER_QUESTIONS (default
@@ -356,6 +361,73 @@ def test_data_path(model_dir, data_dir, size):
     # The data path's part of the first step: plan + the first step's batches ready. The step's
     # own compute (the model's, the same for both paths) comes on top; both are reported.
     assert checks["stream_max_first_batch_ready_s"] <= 10.0, "first step's data later than 10 s after the model load"
+
+
+# ---------------------------------------------------------------------------- steady state on few cores
+def _busy(duty: float, stop) -> None:
+    """Keep one core busy ``duty`` of the time (numpy work in 100 ms periods)."""
+    import numpy as np
+
+    x = np.random.default_rng(0).random((448, 448, 3), dtype=np.float32)
+    while not stop.is_set():
+        started = time.perf_counter()
+        while time.perf_counter() - started < duty * 0.1:
+            float((x * 1.0001).sum())
+        time.sleep((1 - duty) * 0.1)
+
+
+def steady_rate(model, processor, examples, folder: Path, **changes) -> tuple[float, float]:
+    """(steps/s after the first 3 steps, seconds waited for data) of 14 training steps."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from r3v_fast.engine.trainer import Trainer, TrainOptions
+
+    trainer = Trainer(copy.deepcopy(model), processor, Accelerator(cpu=True), TrainOptions(**{**TRAIN, **changes}),
+                      folder / f"state-{time.time_ns()}", log=lambda *a: None, show_progress=False)
+    history = trainer.train(examples, max_steps=14)["history"]
+    return ((len(history) - 3) / (history[-1]["seconds"] - history[2]["seconds"]),
+            sum(h["data_wait_s"] for h in history[3:]))
+
+
+def test_steady_state_on_few_cores(model_dir, data_dir):
+    """Where the streaming path's steady-state time goes when there is no idle core: the same
+    steps with eager loading, eager loading next to a process that keeps another core 25 % busy
+    (about what the worker's decoding costs at 448²), streaming with one worker, and streaming
+    in the training process (``num_workers=0``: loading not overlapped), twice each."""
+    import multiprocessing
+
+    import torch
+
+    from r3v_fast.model.loading import load_vlm
+
+    torch.set_num_threads(THREADS)
+    paths = write_images(data_dir / "448x448", 300, 448, 448)
+    model, processor = load_vlm(model_dir)
+    examples = build_mix(processor, paths)
+    runs: dict[str, list] = {}
+    for _ in range(2):
+        for label, changes, duty in (("eager", dict(data_path="eager"), 0.0),
+                                     ("eager, another core 25 % busy", dict(data_path="eager"), 0.25),
+                                     ("stream, 1 worker", dict(data_path="stream", num_workers=1), 0.0),
+                                     ("stream, in process", dict(data_path="stream", num_workers=0), 0.0)):
+            stop = multiprocessing.Event()
+            busy = multiprocessing.Process(target=_busy, args=(duty, stop)) if duty else None
+            if busy:
+                busy.start()
+            try:
+                rate, waited = steady_rate(model, processor, examples, data_dir, **changes)
+            finally:
+                if busy:
+                    stop.set()
+                    busy.join()
+            runs.setdefault(label, []).append({"steps_per_s": rate, "data_wait_s": waited})
+    entry = {"questions": 300, "image_size": "448x448", "threads": THREADS, "runs": runs,
+             "relative_to_eager": {k: sum(r["steps_per_s"] for r in v) / sum(r["steps_per_s"] for r in runs["eager"])
+                                   for k, v in runs.items()}}
+    save({f"steady state on few cores, {THREADS} training thread(s)": entry})
+    print("\n" + json.dumps(entry, indent=1))
 
 
 if __name__ == "__main__":
