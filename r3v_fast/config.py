@@ -9,7 +9,7 @@ Each option is one dataclass field with its type, default and a one-line help te
     LoopOptions      iterations and what each trains from     (r3v_fast.engine.loop)
     SamplingOptions  bootstrap and evaluation sampling        (r3v_fast.engine.sampler)
     TaskOptions      building SFT / refine / select sets      (r3v_fast.engine.tasks)
-    TrainOptions     the optimizer, the loss and packing      (r3v_fast.engine.trainer)
+    TrainOptions     the optimizer, the loss, packing, loading (r3v_fast.engine.trainer)
     EvalOptions      held-out evaluation                      (r3v_fast.engine.evaluation)
 
 :class:`RunConfig` is composed of one instance of each group; the engine hands each part its
@@ -181,6 +181,12 @@ class TrainOptions:
     loss: Literal["fused", "naive"] = option(
         "fused", "fused: LM head, log-softmax and target gather in one op, logits never stored; "
                  "naive: full logits (the baseline)")
+    data_path: Literal["stream", "eager"] = option(
+        "stream", "stream: plan steps from token counts, load each step's images in DataLoader workers; "
+                  "eager: process every example's image up front and keep it (the baseline)")
+    num_workers: int | None = option(
+        None, "DataLoader worker processes loading upcoming steps (--data-path stream); 0 = in the training "
+              "process; none = min(4, CPU cores per rank - 1)")
     loss_mix: Literal["official", "per-task"] = option(
         "official", "official: token mean over all targets; per-task: weighted sum of per-task token means")
     weight_sft: float = option(1.0, "per-task loss weight of SFT examples")
@@ -286,6 +292,8 @@ class RunConfig:
                 raise UsageError(f"{flag(name)} must be at least 1, got {value}")
         if self.tasks.n_candidates < 2:
             raise UsageError(f"--n-candidates must be at least 2, got {self.tasks.n_candidates}")
+        if self.train.num_workers is not None and self.train.num_workers < 0:
+            raise UsageError(f"--num-workers must be at least 0, got {self.train.num_workers}")
         if self.train.lr <= 0:
             raise UsageError(f"--lr must be positive, got {self.train.lr}")
         self.eval.k_list()

@@ -33,7 +33,7 @@ from PIL import Image
 
 __all__ = [
     "DataError", "Record", "LoadReport", "write_records", "read_records",
-    "resolve_image", "check_image", "load_image", "load_rows", "OPTION_LETTERS",
+    "resolve_image", "check_image", "load_image", "image_size", "load_rows", "OPTION_LETTERS",
 ]
 
 # Multiple-choice options are labelled A, B, C, ... everywhere (prompts, loaders, judges).
@@ -181,6 +181,22 @@ def load_image(path: str, *, who: str | None = None) -> Image.Image:
         raise DataError(f"{prefix}image file not found: {path}", "missing image") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{prefix}cannot read image {path}: {err}", "corrupt image") from None
+
+
+def image_size(path: str, *, who: str | None = None) -> tuple[int, int]:
+    """(width, height) of the image at ``path`` from its header, without decoding the pixels;
+    DataError ("missing image" / "corrupt image") naming ``who`` and the file."""
+    prefix = f"{who}: " if who else ""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise DataError(f"{prefix}image file not found: {path}", "missing image") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{prefix}cannot read image {path}: {err}", "corrupt image") from None
+    if width < 1 or height < 1:
+        raise DataError(f"{prefix}image {path} has no pixels ({width}x{height})", "corrupt image")
+    return width, height
 
 
 def check_image(path: str, *, where: str) -> None:

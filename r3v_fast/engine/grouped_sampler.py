@@ -100,13 +100,17 @@ class GroupedPrefixSampler(PrefixSamplerBase):
         return results
 
     def _groups(self, requests, num_branches: int, max_new_tokens: int):
-        """Requests in order, processed one at a time, grouped by batch_size and token budget."""
+        """Requests in order, processed one at a time, grouped by batch_size and token budget.
+        A full group is handed out before the next request's image is loaded, so at most one
+        group's images are held at a time (a group closed by the token budget holds one more)."""
         group, reserved = [], 0
         for index, request in enumerate(requests):
+            if len(group) >= self.batch_size:
+                yield group
+                group, reserved = [], 0
             prompt = self._prepare(index, request)
             need = len(prompt.ids) + num_branches * max_new_tokens
-            over_budget = self.max_batch_tokens is not None and reserved + need > self.max_batch_tokens
-            if group and (len(group) >= self.batch_size or over_budget):
+            if group and self.max_batch_tokens is not None and reserved + need > self.max_batch_tokens:
                 yield group
                 group, reserved = [], 0
             group.append(prompt)

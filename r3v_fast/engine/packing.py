@@ -73,15 +73,26 @@ class PackedBatch:
         """Token slots the model computes (rows x row length, padding included)."""
         return int(self.input_ids.numel())
 
-    def to(self, device) -> "PackedBatch":
+    def _map_tensors(self, fn) -> "PackedBatch":
+        """A copy with ``fn`` applied to every tensor (tree metadata and image tensors included)."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (torch.Tensor, TreeMeta)):
-                moved[f.name] = value.to(device)
+            if isinstance(value, torch.Tensor):
+                moved[f.name] = fn(value)
+            elif isinstance(value, TreeMeta):
+                moved[f.name] = TreeMeta(*(fn(t) for t in (value.node_of_token, value.node_start, value.node_end,
+                                                          value.node_row, value.ancestor)))
             elif isinstance(value, dict):
-                moved[f.name] = {k: v.to(device) for k, v in value.items()}
+                moved[f.name] = {k: fn(v) for k, v in value.items()}
         return replace(self, **moved)
+
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PackedBatch":
+        """Page-locked copies of the tensors (the DataLoader's pin_memory thread calls this)."""
+        return self._map_tensors(lambda t: t.pin_memory())
 
     def model_inputs(self) -> dict:
         """Keyword arguments for the HF model (or its base model)."""

@@ -14,9 +14,18 @@ known before the forward, summed across ranks once per step, and every micro-bat
 contribution is divided by the step's total, so gradient accumulation changes nothing.
 L_SFT, L_REF and L_SEL (token means) are logged either way.
 
+Data (``--data-path``, docs/architecture.md "The data path"): the step plan is a deterministic
+function of which examples fit ``max_length`` (``plan_steps``). ``stream`` (the default) decides
+that from token counts and has DataLoader workers load, tokenize and pack each step's share
+when it is near (r3v_fast.engine.stream); ``eager`` (the baseline) tokenizes every example with
+its image up front and packs each step in the training process. Both give the same
+micro-batches. A question whose image cannot be read is left out, logged once with its error
+and reported in the summary (``skipped``, ``skipped_questions``).
+
 Runs as one process or under ``accelerate launch`` (DDP / FSDP): groups of a step are dealt
-out to ranks, every rank runs the same number of micro-batches (a rank with fewer repeats
-its last one with weight 0), and only the main process writes checkpoints.
+out to ranks, and each rank loads only its own groups; every rank runs the same number of
+micro-batches (a rank with fewer repeats its last one with weight 0), and only the main
+process writes checkpoints.
 
 Training state (trainable weights, optimizer, scheduler, step) is saved every
 ``save_every`` steps and when interrupted (Ctrl-C / SIGTERM), so ``--resume`` continues
@@ -28,11 +37,12 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -40,6 +50,8 @@ from tqdm.auto import tqdm
 from r3v_fast.config import TrainOptions
 from r3v_fast.engine.examples import TASKS, Example, tokenize_examples
 from r3v_fast.engine.packing import pack
+from r3v_fast.engine.stream import (Skip, StepBatch, measure_lengths, rank_share, step_loader,
+                                    workers_started)
 from r3v_fast.engine.scoring import TargetLogprobs
 from r3v_fast.model.loading import pad_id
 
@@ -147,6 +159,9 @@ class Trainer:
         self.state_dir = Path(state_dir)
         self.log = log
         self.show_progress = show_progress
+        self._skips: dict = {}             # example index -> Skip, for this train() call
+        self._last_batch = None            # this rank's last micro-batch (weight-0 padding)
+        self._plan_report: dict = {}
 
     # ----------------------------------------------------------------------------- state
     def _trainable_state(self, wrapper) -> dict[str, torch.Tensor]:
@@ -191,18 +206,89 @@ class Trainer:
         scheduler.load_state_dict(opt["scheduler"])
         return json.loads((self.state_dir / "step.json").read_text())["step"]
 
+    # ----------------------------------------------------------------------------- plan
+    def _gather(self, value) -> list:
+        """``value`` of every rank, in rank order (a list of one on a single process)."""
+        if self.accelerator.num_processes == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+    def _plan_eager(self, examples: Sequence[Example], stats: dict):
+        """--data-path eager: every example tokenized with its image, up front, on every rank."""
+        opts = self.options
+        tokenized, dropped = tokenize_examples(self.processor, examples, max_length=opts.max_length, stats=stats)
+        kept = [t.index for t in tokenized]
+        steps = plan_steps([examples[i] for i in kept], opts.batch_size, opts.epochs, self.seed)
+        return tokenized, steps, dropped, []
+
+    def _plan_stream(self, examples: Sequence[Example]):
+        """--data-path stream: which examples fit, from token counts (each rank measures a share
+        of the question groups, the decisions are exchanged), then the same step plan as eager,
+        as indices into ``examples``."""
+        opts, acc = self.options, self.accelerator
+        groups = sorted({ex.group for ex in examples})
+        measured = set(groups[acc.process_index::acc.num_processes])
+        indices = [i for i, ex in enumerate(examples) if ex.group in measured]
+        plans = self._gather(measure_lengths(self.processor, examples, indices, max_length=opts.max_length))
+        dropped = {i: why for plan in plans for i, why in plan.dropped.items()}
+        skipped = [skip for plan in plans for skip in plan.skipped]
+        left_out = set(dropped) | {i for skip in skipped for i in skip.indices}
+        kept = [i for i in range(len(examples)) if i not in left_out]
+        steps = [[kept[j] for j in step]
+                 for step in plan_steps([examples[i] for i in kept], opts.batch_size, opts.epochs, self.seed)]
+        self._plan_report = {"plan_seconds": max(p.seconds for p in plans),
+                             "plan_tokenized": sum(p.tokenized for p in plans)}
+        return kept, steps, Counter(dropped.values()), skipped
+
+    # ----------------------------------------------------------------------------- batches
+    def _eager_batches(self, tokenized, steps, start: int) -> Iterator[StepBatch]:
+        """This rank's share of each step, packed in the training process (the baseline)."""
+        acc, opts = self.accelerator, self.options
+        for s in range(start, len(steps)):
+            step = steps[s]
+            mine = sorted(pos for group in rank_share(tokenized, step, acc.process_index, acc.num_processes)
+                          for pos in group)
+            share = [tokenized[step[pos]] for pos in mine]
+            batches = pack(share, mode=opts.packing, max_tokens=opts.max_tokens, shuffle_seed=None,
+                           pad_id=pad_id(self.processor)) if share else []
+            yield StepBatch(step=s, batches=batches, skipped=[], late_too_long=[])
+
+    @contextmanager
+    def _stream_batches(self, examples, steps, start: int) -> Iterator[Iterator[StepBatch]]:
+        """This rank's share of each step, loaded and packed by DataLoader workers."""
+        acc, opts = self.accelerator, self.options
+        loader = step_loader(self.processor, examples, steps, start=start, rank=acc.process_index,
+                             world=acc.num_processes, mode=opts.packing, max_tokens=opts.max_tokens,
+                             max_length=opts.max_length, pad_id=pad_id(self.processor),
+                             num_workers=opts.num_workers, pin_memory=acc.device.type == "cuda", seed=self.seed)
+        with workers_started():
+            iterator = iter(loader)
+        yield iterator
+
     # ----------------------------------------------------------------------------- train
-    def train(self, examples: Sequence[Example]) -> dict:
-        """Train on ``examples``; returns a summary (steps, dropped examples, last losses, time)."""
+    def train(self, examples: Sequence[Example], *, max_steps: int | None = None) -> dict:
+        """Train on ``examples``; returns a summary (steps, dropped and skipped examples, last
+        losses, time). ``max_steps`` stops after that many optimizer steps of this call
+        (benchmarks; the training state is then not saved)."""
         opts, acc = self.options, self.accelerator
         t0 = time.time()
-        tokenized, dropped = tokenize_examples(self.processor, examples, max_length=opts.max_length)
+        image_stats: dict = {}
+        self._plan_report = {}
+        if opts.data_path == "eager":
+            source, steps, dropped, plan_skips = self._plan_eager(examples, image_stats)
+            n_kept = len(source)
+        else:
+            kept, steps, dropped, plan_skips = self._plan_stream(examples)
+            source, n_kept = examples, len(kept)
         if dropped:
             self.log(f"dropped {sum(dropped.values())} over-long examples: {dict(dropped)}")
-        if not tokenized:
+        self._skips = {}
+        for skip in plan_skips:       # the same list on every rank: the main process says it
+            self._note_skip(skip, announce=getattr(acc, "is_main_process", True))
+        if not n_kept:
             raise ValueError("no trainable example left (all dropped or none built)")
-        kept = [examples[t.index] for t in tokenized]
-        steps = plan_steps(kept, opts.batch_size, opts.epochs, self.seed)
 
         wrapper = TargetLogprobs(self.model, loss=opts.loss)
         params = [p for p in wrapper.parameters() if p.requires_grad]
@@ -213,22 +299,36 @@ class Trainer:
         if start:
             self.log(f"resuming training at step {start}/{len(steps)}")
         wrapper.train()
+        end = len(steps) if max_steps is None else min(len(steps), start + max_steps)
 
         history: list[dict] = []
+        self._last_batch = None
         bar = tqdm(total=len(steps), initial=start, desc="training", unit="step",
                    disable=not (self.show_progress and acc.is_main_process))
         step = start
+        if opts.data_path == "eager":
+            batches_of = nullcontext(self._eager_batches(source, steps, start))
+        else:
+            batches_of = self._stream_batches(source, steps, start)
         try:
-            with interrupts_as_keyboard_interrupt():
-                for step in range(start, len(steps)):
-                    record = self._step(wrapper, optimizer, scheduler,
-                                        [tokenized[i] for i in steps[step]], step)
+            with interrupts_as_keyboard_interrupt(), batches_of as step_batches:
+                for step in range(start, end):
+                    asked = time.time()
+                    step_batch = next(step_batches)
+                    ready = time.time()
+                    if step_batch.step != step:
+                        raise RuntimeError(f"the data path delivered step {step_batch.step} for step {step}")
+                    self._note_loaded(step_batch, image_stats)
+                    record = self._step(wrapper, optimizer, scheduler, step_batch, step)
+                    # Seconds since train() began: at the end of the step and when its batches
+                    # were ready; and how long the step waited for them.
+                    record.update(seconds=time.time() - t0, batch_ready_s=ready - t0, data_wait_s=ready - asked)
                     history.append(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                     if opts.save_every and (step + 1) % opts.save_every == 0 and step + 1 < len(steps):
                         self._save_state(wrapper, optimizer, scheduler, step + 1)
-                step = len(steps)
+                step = end
         except KeyboardInterrupt:
             self.log(f"interrupted at step {step}: saving training state to {self.state_dir}")
             self._save_state(wrapper, optimizer, scheduler, step)
@@ -236,38 +336,77 @@ class Trainer:
         finally:
             bar.close()
         self.model = acc.unwrap_model(wrapper).model
-        return {"steps": len(steps), "examples": len(kept), "dropped": dict(dropped),
-                "history": history, "seconds": time.time() - t0}
+        summary = {"steps": len(steps), "examples": n_kept, "dropped": dict(dropped), "history": history,
+                   "seconds": time.time() - t0, "data_path": opts.data_path}
+        summary.update(self._plan_report)
+        summary.update(self._data_report(image_stats))
+        return summary
 
-    def _step(self, wrapper, optimizer, scheduler, step_examples, step: int) -> dict:
+    def _note_skip(self, skip: Skip, *, announce: bool = True) -> None:
+        """Log a skipped group the first time it is met (on the rank that met it) and remember
+        its examples."""
+        if announce and not any(i in self._skips for i in skip.indices):
+            message = (f"skipped {len(skip.indices)} example(s) of question {skip.question_id!r} "
+                       f"({skip.reason}): {skip.message}")
+            if getattr(self.accelerator, "is_main_process", True):
+                self.log(message)
+            else:                      # the run's log is the main process's; say it on stderr
+                print(f"[rank {self.accelerator.process_index}] {message}", file=sys.stderr, flush=True)
+        for i in skip.indices:
+            self._skips.setdefault(i, skip)
+
+    def _note_loaded(self, step_batch: StepBatch, image_stats: dict) -> None:
+        for skip in step_batch.skipped:
+            self._note_skip(skip)
+        if step_batch.late_too_long:
+            image_stats["late_too_long"] = image_stats.get("late_too_long", 0) + len(step_batch.late_too_long)
+            self.log(f"step {step_batch.step}: {len(step_batch.late_too_long)} example(s) turned out longer than "
+                     f"max_length when loaded and were left out: {step_batch.late_too_long[:10]}")
+        image_stats["image_cpu_s"] = image_stats.get("image_cpu_s", 0.0) + step_batch.image_cpu_s
+        image_stats["images_processed"] = image_stats.get("images_processed", 0) + step_batch.images_processed
+
+    def _data_report(self, image_stats: dict) -> dict:
+        """Skipped examples (by reason, with their questions) and image-processing cost, all ranks."""
+        reports = self._gather({"skips": list(self._skips.items()), **image_stats})
+        skips = {i: skip for report in reports for i, skip in report["skips"]}
+        out = {"image_cpu_s": sum(r.get("image_cpu_s", 0.0) for r in reports),
+               "images_processed": sum(r.get("images_processed", 0) for r in reports)}
+        if skips:
+            out["skipped"] = dict(Counter(skip.reason for skip in skips.values()))
+            out["skipped_questions"] = sorted({skip.question_id for skip in skips.values()})
+        late = sum(r.get("late_too_long", 0) for r in reports)
+        if late:
+            out["late_too_long"] = late
+        return out
+
+    def _step(self, wrapper, optimizer, scheduler, step_batch: StepBatch, step: int) -> dict:
         opts, acc = self.options, self.accelerator
-        # This rank's share: whole question groups, dealt round-robin (a group's examples share
-        # their image + question prefix, which tree packing computes once).
-        groups = list(dict.fromkeys(ex.group for ex in step_examples))
-        my_groups = set(groups[acc.process_index::acc.num_processes])
-        mine = [ex for ex in step_examples if ex.group in my_groups]
-        batches = pack(mine, mode=opts.packing, max_tokens=opts.max_tokens, shuffle_seed=None,
-                       pad_id=pad_id(self.processor)) if mine else []
+        batches = step_batch.batches
 
         # Target-token counts of the whole step, per task, summed over ranks (one small reduce).
         local = torch.zeros(len(TASKS))
-        for ex in mine:
-            local[TASKS.index(ex.task)] += ex.n_target
+        for batch in batches:
+            for task, n in zip(batch.tasks, batch.n_target_tokens.tolist()):
+                local[TASKS.index(task)] += n
         n_micro = len(batches)
         if acc.num_processes > 1:
             local = acc.reduce(local.to(acc.device), reduction="sum").cpu()
             n_micro = int(acc.gather(torch.tensor([n_micro], device=acc.device)).max())
         counts = {t: float(local[i]) for i, t in enumerate(TASKS)}
         counts["all"] = sum(counts.values())
+        if n_micro > len(batches) and not batches and self._last_batch is None:
+            raise RuntimeError(f"step {step}: rank {acc.process_index} has no example in its first step and "
+                               "nothing to pad the other ranks' micro-batches with; use fewer ranks or a "
+                               "larger --batch-size")
 
         # Logged statistics: [loss, NLL sum per task, target tokens per task], reduced at the end.
         stats = torch.zeros(1 + 2 * len(TASKS), dtype=torch.float64)
         for m in range(n_micro):
             padding = m >= len(batches)                     # this rank ran out: weight-0 repeat
-            batch = batches[-1] if padding else batches[m]
+            batch = (batches[-1] if batches else self._last_batch) if padding else batches[m]
             sync = acc.no_sync(wrapper) if m < n_micro - 1 else nullcontext()
             with sync, acc.autocast():
-                logp, n_tok = wrapper(batch.to(acc.device))   # [n_ex] f32, [n_ex]
+                logp, n_tok = wrapper(batch.to(acc.device, non_blocking=True))   # [n_ex] f32, [n_ex]
                 weights = loss_weights(batch.tasks, counts, opts).to(logp.device)
                 loss = -(weights * logp).sum()
                 # DDP averages gradients over ranks; scaling by the world size turns that back into
@@ -282,6 +421,8 @@ class Trainer:
                 for task, lp, nt in zip(batch.tasks, logp.detach().tolist(), n_tok.tolist()):
                     stats[1 + TASKS.index(task)] -= lp
                     stats[1 + len(TASKS) + TASKS.index(task)] += nt
+        if batches:
+            self._last_batch = batches[-1]
         if acc.num_processes > 1:
             stats = acc.reduce(stats.to(acc.device), reduction="sum").cpu()
         if opts.max_grad_norm:

@@ -81,6 +81,27 @@ def test_record_validation_and_load_image(tmp_path, png, corrupt_png):
         broken.load_image()
 
 
+
+def test_image_size_reads_the_header_only(tmp_path, png, corrupt_png):
+    from r3v_fast.data.records import image_size, load_image
+
+    assert image_size(str(png(tmp_path / "g.png", size=(5, 7)))) == (5, 7)
+    with pytest.raises(DataError, match="q-1: image file not found") as err:
+        image_size(str(tmp_path / "nope.png"), who="q-1")
+    assert err.value.reason == "missing image"
+    with pytest.raises(DataError, match="q-2: cannot read image") as err:
+        image_size(str(corrupt_png(tmp_path / "c.png")), who="q-2")
+    assert err.value.reason == "corrupt image"
+    # A truncated JPEG: the header is intact (size known), only decoding the pixels fails.
+    full = tmp_path / "full.jpg"
+    Image.effect_noise((64, 48), 60).convert("RGB").save(full, quality=90)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert image_size(str(cut)) == (64, 48)
+    with pytest.raises(DataError, match="q-3: cannot read image") as err:
+        load_image(str(cut), who="q-3")
+    assert err.value.reason == "corrupt image"
+
 def _line(**overrides):
     obj = {"id": "r", "image": "img.png", "question": "How many?", "answer": "2", "dataset": "shapes-math"}
     obj.update(overrides)

@@ -1,6 +1,9 @@
 """Tokenization of R³V examples on the tiny Qwen2-VL and LLaVA processors: prompt tokens are the
 processor's, target tokens the tokenizer's plus end-of-turn, M-RoPE ids equal the model's own
-get_rope_index, over-long examples are dropped and counted, bad input names the question."""
+get_rope_index, over-long examples are dropped and counted, bad input names the question. The
+streaming route (one processor call per image, prompts tokenized as text around an expanded
+placeholder) gives exactly the processor's tokens, rope ids and tensors, and tells a refused
+image apart from a bad prompt."""
 
 import pytest
 import torch
@@ -96,3 +99,53 @@ def test_bad_input_names_the_question(tiny_qwen2vl_dir, image_paths, tmp_path):
     with pytest.raises(ValueError, match="q42.*no image"):
         tokenize_examples(processor, [Example("sft", "q42", "", good.prompt, good.target, "q42")],
                           max_length=10_000)
+
+
+@pytest.mark.parametrize("kind", ["qwen2vl", "qwen2_5vl", "llava"])
+def test_one_image_many_prompts_gives_the_processors_tokens(kind, tiny_qwen2vl_dir, tiny_qwen2_5vl_dir,
+                                                          tiny_llava_dir, image_paths):
+    """encode_image + tokenize_with_image: the tokens, rope ids and tensors of tokenize_examples,
+    with one processor call per image instead of one per example."""
+    from PIL import Image
+
+    from r3v_fast.engine.examples import encode_image, tokenize_with_image
+
+    directory = {"qwen2vl": tiny_qwen2vl_dir, "qwen2_5vl": tiny_qwen2_5vl_dir, "llava": tiny_llava_dir}[kind]
+    processor = AutoProcessor.from_pretrained(directory)
+    for path in image_paths:                  # 112x112, 84x140, 56x56
+        examples = examples_for(processor, path)
+        reference, _ = tokenize_examples(processor, examples, max_length=10_000)
+        calls = []
+        real_call = type(processor).__call__
+        try:
+            type(processor).__call__ = lambda self, *a, **k: (calls.append(1), real_call(self, *a, **k))[1]
+            image_inputs, n_image = encode_image(processor, Image.open(path).convert("RGB"), examples[0].prompt,
+                                                 who="q0")
+            streamed, dropped = tokenize_with_image(processor, list(enumerate(examples)), image_inputs, n_image,
+                                                    max_length=10_000)
+        finally:
+            type(processor).__call__ = real_call
+        assert len(calls) == 1 and not dropped
+        for ref, got in zip(reference, streamed, strict=True):
+            assert torch.equal(ref.input_ids, got.input_ids) and ref.n_target == got.n_target
+            assert ref.image_spans == got.image_spans and ref.index == got.index
+            assert (ref.rope_positions is None) == (got.rope_positions is None)
+            if ref.rope_positions is not None:
+                assert torch.equal(ref.rope_positions, got.rope_positions)
+            assert ref.image_inputs.keys() == got.image_inputs.keys()
+            assert all(torch.equal(ref.image_inputs[k], got.image_inputs[k]) for k in ref.image_inputs)
+
+
+def test_a_refused_image_is_told_apart_from_a_bad_prompt(tiny_qwen2vl_dir, image_paths):
+    from PIL import Image
+
+    from r3v_fast.engine.examples import ImageRejected, encode_image
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen2vl_dir)
+    prompt = examples_for(processor, image_paths[0])[0].prompt
+    strip = Image.new("RGB", (1500, 5))                       # aspect ratio 300: Qwen-VL refuses it
+    with pytest.raises(ImageRejected, match="q7: the processor rejects the image"):
+        encode_image(processor, strip, prompt, who="q7")
+    with pytest.raises(ValueError, match="q7: the prompt has 0 image placeholder") as err:
+        encode_image(processor, Image.open(image_paths[0]).convert("RGB"), "no placeholder", who="q7")
+    assert not isinstance(err.value, ImageRejected)
