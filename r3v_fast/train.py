@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if trackers:
-        accelerator.project_configuration.set_directories(str(run_dir.path / "trackers"))
+        accelerator.project_configuration.set_directories(str(run_dir.path))
+        accelerator.project_configuration.logging_dir = str(run_dir.path / "trackers")
         accelerator.init_trackers(run_dir.path.name, config=tracker_config(cfg))
 
     if accelerator.is_main_process:

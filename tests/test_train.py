@@ -33,7 +33,9 @@ def smoke_args(model_dir, data_dir, run_dir, *extra):
 
 
 def phases(run_dir):
-    return [(m["iteration"], m["phase"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    """(iteration, phase) of every finished phase (per-step training records left out)."""
+    return [(m["iteration"], m["phase"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if m["phase"] != "train_step"]
 
 
 def test_smoke_run(tiny_qwen2vl_dir, shapes_dir, tmp_path, capsys):
@@ -167,7 +169,8 @@ def test_shortened_default_run_on_the_shipped_checkpoint(tmp_path):
     assert PACKAGED_MODEL.joinpath("config.json").exists()
     run_dir = tmp_path / "run"
     assert train.main(["--preset", "smoke", "--run-dir", str(run_dir), "--progress", "false"]) == 0
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if m["phase"] != "train_step"]
     assert [(m["iteration"], m["phase"]) for m in metrics] == [(0, "eval"), (1, "bootstrap"), (1, "train"),
                                                                (1, "eval")]
     base, last = metrics[0], metrics[-1]
@@ -176,3 +179,39 @@ def test_shortened_default_run_on_the_shipped_checkpoint(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["model"]["model"] is None
     model, processor = load_vlm(run_dir / "checkpoints" / "iter_001")
     assert model.config.model_type == "qwen2_vl" and processor is not None
+
+
+def test_report_to_tensorboard_and_every_step_in_metrics(tiny_qwen2vl_dir, shapes_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false",
+                                 "--batch-size", "4", "--report-to", "tensorboard")) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["phase"] == "train_step"]
+    train_summary = next(r for r in records if r["phase"] == "train")
+    assert [r["step"] for r in steps] == list(range(train_summary["steps"])) and len(steps) >= 2
+    for r in steps:
+        assert r["loss"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+        assert r["example_tokens"] >= r["target_tokens"] > 0
+    assert train_summary["example_tokens"] == sum(r["example_tokens"] for r in steps)
+    event_dir = run_dir / "trackers" / run_dir.name          # the run's scalars (hparams sit in a subfolder)
+    assert list(event_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(event_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train_step/loss", "train_step/lr", "train_step/grad_norm", "train_step/tokens_per_s",
+                "eval/pass@1", "eval/select@3", "bootstrap/pool_accuracy"):
+        assert tag in tags, (tag, sorted(tags))
+    assert any(t.startswith("train_step/L_") for t in tags)          # per-task losses
+    assert [e.step for e in events.Scalars("train_step/loss")] == [r["step"] for r in steps]
+    assert [e.value for e in events.Scalars("train_step/loss")] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+
+
+def test_report_to_a_missing_tracker_is_a_usage_error(tiny_qwen2vl_dir, shapes_dir, tmp_path, capsys, monkeypatch):
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, tmp_path / "run", "--report-to", "wandb")) == 2
+    assert "--report-to wandb: not installed" in capsys.readouterr().err

@@ -264,6 +264,18 @@ class Run:
             return self.dir.checkpoint(iteration - 1)
         return self.model_dir
 
+    def step_logger(self, iteration: int):
+        """Every optimizer step goes to metrics.jsonl ("train_step" records) and to the trackers,
+        at a step count that runs on across iterations."""
+        offset = sum(m["steps"] for m in self.metrics() if m["phase"] == "train" and m["iteration"] < iteration)
+
+        def log_step(record: dict) -> None:
+            if self.acc.is_main_process:
+                entry = {"iteration": iteration, "phase": "train_step", **record}
+                self.dir.append_metrics(entry)
+                self.acc.log(tracker_values(entry), step=offset + record["step"])
+        return log_step
+
     def init_model(self, iteration: int) -> Path:
         """The weights iteration t trains from: the base model (``--init base``, and always for the
         warm-up round), or the checkpoint iteration t samples from (``--init previous``)."""
@@ -280,7 +292,8 @@ class Run:
                                     device=str(self.acc.device), trust_remote_code=cfg.model.trust_remote_code)
         model = apply_lora(model, cfg.train)
         trainer = Trainer(model, processor, self.acc, cfg.train, self.dir.train_state_dir,
-                          log=self.log, show_progress=cfg.run.progress, seed=cfg.run.seed)
+                          log=self.log, show_progress=cfg.run.progress, seed=cfg.run.seed,
+                          on_step=self.step_logger(iteration))
         summary = trainer.train(examples)
         self.save_checkpoint(trainer.model, processor, iteration)
         if self.acc.is_main_process:

@@ -24,7 +24,7 @@ from r3v_fast.engine.examples import Example, tokenize_examples
 from r3v_fast.engine.packing import PackedBatch, pack
 from r3v_fast.model.loading import lm_head_and_backbone, pad_id, unwrap_peft
 from r3v_fast.model.tree_attention import ATTENTION_NAME, enable_tree_attention
-from r3v_fast.ops import segment_logprob
+from r3v_fast.ops import segment_logprob, weighted_nll
 
 __all__ = ["TargetLogprobs", "sequence_logprobs", "LOSSES"]
 
@@ -62,7 +62,12 @@ class TargetLogprobs(torch.nn.Module):
         base = unwrap_peft(model)
         self._text_config = base.config.get_text_config()
 
-    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: PackedBatch, example_weights: torch.Tensor | None = None):
+        """``(logp [n_ex], n_tokens [n_ex])``; with ``example_weights`` [n_ex] (the trainer's
+        loss weights, known before the forward) ``(loss, logp [n_ex] detached, n_tokens)`` where
+        loss = -Σ_ex w_ex · logp_ex. The fused path then runs ``weighted_nll``, which forms the
+        LM-head gradients during the forward (three products instead of four, two with a frozen
+        head); logp comes along for the per-task logs."""
         # Looked up per call rather than stored: a second reference to lm_head would register it
         # twice (duplicate state-dict keys, shared modules under FSDP).
         lm_head, backbone = lm_head_and_backbone(self.model)
@@ -70,11 +75,21 @@ class TargetLogprobs(torch.nn.Module):
             enable_tree_attention(self.model)   # switched away meanwhile (e.g. by a sampler)
         hidden = backbone(**batch.model_inputs())                           # [B, T, D]
         if self.loss == "naive":
-            return naive_segment_logprob(hidden, lm_head, batch), batch.n_target_tokens
+            logp = naive_segment_logprob(hidden, lm_head, batch)               # [n_ex]
+            if example_weights is None:
+                return logp, batch.n_target_tokens
+            return -(example_weights * logp).sum(), logp.detach(), batch.n_target_tokens
         states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)  # [N, D]
-        logp = segment_logprob(states, lm_head.weight, batch.target_ids, batch.segment_ids,
-                               batch.n_examples, bias=getattr(lm_head, "bias", None))  # [n_ex]
-        return logp, batch.n_target_tokens
+        bias = getattr(lm_head, "bias", None)
+        if example_weights is None:
+            logp = segment_logprob(states, lm_head.weight, batch.target_ids, batch.segment_ids,
+                                   batch.n_examples, bias=bias)                # [n_ex]
+            return logp, batch.n_target_tokens
+        token_weights = example_weights.to(torch.float32)[batch.segment_ids]    # [N]
+        loss, logp = weighted_nll(states, lm_head.weight, batch.target_ids, token_weights, bias=bias,
+                                  return_logprobs=True, segment_ids=batch.segment_ids,
+                                  num_segments=batch.n_examples)               # [], [n_ex]
+        return loss, logp, batch.n_target_tokens
 
 
 def sequence_logprobs(model, processor, examples: Sequence[Example], packing: str = "tree",

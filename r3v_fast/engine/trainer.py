@@ -150,12 +150,13 @@ class Trainer:
     """Trains one model on one mixed example set; owns its resumable state directory."""
 
     def __init__(self, model, processor, accelerator, options: TrainOptions, state_dir: Path,
-                 log=print, show_progress: bool = True, seed: int = 0):
+                 log=print, show_progress: bool = True, seed: int = 0, on_step=None):
         self.model = model
         self.processor = processor
         self.accelerator = accelerator
         self.options = options
         self.seed = seed
+        self.on_step = on_step          # called with every step's record (all ranks hold the same)
         self.state_dir = Path(state_dir)
         self.log = log
         self.show_progress = show_progress
@@ -324,6 +325,8 @@ class Trainer:
                     # were ready; and how long the step waited for them.
                     record.update(seconds=time.time() - t0, batch_ready_s=ready - t0, data_wait_s=ready - asked)
                     history.append(record)
+                    if self.on_step is not None:
+                        self.on_step(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                     if opts.save_every and (step + 1) % opts.save_every == 0 and step + 1 < len(steps):
@@ -338,6 +341,8 @@ class Trainer:
         self.model = acc.unwrap_model(wrapper).model
         summary = {"steps": len(steps), "examples": n_kept, "dropped": dict(dropped), "history": history,
                    "seconds": time.time() - t0, "data_path": opts.data_path}
+        for key in ("computed_tokens", "example_tokens", "target_tokens"):   # this call's steps, all ranks
+            summary[key] = int(sum(r[key] for r in history))
         summary.update(self._plan_report)
         summary.update(self._data_report(image_stats))
         return summary
@@ -399,25 +404,30 @@ class Trainer:
                                "nothing to pad the other ranks' micro-batches with; use fewer ranks or a "
                                "larger --batch-size")
 
-        # Logged statistics: [loss, NLL sum per task, target tokens per task], reduced at the end.
-        stats = torch.zeros(1 + 2 * len(TASKS), dtype=torch.float64)
+        # Logged statistics: [loss, NLL sum per task, target tokens per task, computed token slots,
+        # example tokens, target tokens], reduced at the end.
+        stats = torch.zeros(1 + 2 * len(TASKS) + 3, dtype=torch.float64)
+        t0 = time.time()
         for m in range(n_micro):
             padding = m >= len(batches)                     # this rank ran out: weight-0 repeat
             batch = (batches[-1] if batches else self._last_batch) if padding else batches[m]
             sync = acc.no_sync(wrapper) if m < n_micro - 1 else nullcontext()
+            weights = loss_weights(batch.tasks, counts, opts).to(acc.device)                # [n_ex]
+            # DDP averages gradients over ranks; scaling by the world size turns that back into
+            # the sum, so the loss is the exact mean over the whole step. The weights are known
+            # before the forward, so the fused loss forms its LM-head gradients in the forward.
+            scale = 0.0 if padding else float(acc.num_processes)
             with sync, acc.autocast():
-                logp, n_tok = wrapper(batch.to(acc.device, non_blocking=True))   # [n_ex] f32, [n_ex]
-                weights = loss_weights(batch.tasks, counts, opts).to(logp.device)
-                loss = -(weights * logp).sum()
-                # DDP averages gradients over ranks; scaling by the world size turns that back into
-                # the sum, so the loss is the exact mean over the whole step.
-                scaled = loss * (0.0 if padding else float(acc.num_processes))
+                scaled, logp, n_tok = wrapper(batch.to(acc.device, non_blocking=True), weights * scale)
+            loss = -(weights * logp).sum()                  # the step's loss, from the detached logp
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {step}; questions in "
                                        f"this batch: {sorted(set(batch.groups))}")
             acc.backward(scaled)
             if not padding:
                 stats[0] += float(loss.detach())
+                stats[-3:] += torch.tensor([batch.n_slots, batch.n_example_tokens,
+                                            int(n_tok.sum())], dtype=torch.float64)
                 for task, lp, nt in zip(batch.tasks, logp.detach().tolist(), n_tok.tolist()):
                     stats[1 + TASKS.index(task)] -= lp
                     stats[1 + len(TASKS) + TASKS.index(task)] += nt
@@ -425,12 +435,19 @@ class Trainer:
             self._last_batch = batches[-1]
         if acc.num_processes > 1:
             stats = acc.reduce(stats.to(acc.device), reduction="sum").cpu()
-        if opts.max_grad_norm:
-            acc.clip_grad_norm_([p for p in wrapper.parameters() if p.requires_grad], opts.max_grad_norm)
+        # The gradient norm is logged at every step; with --max-grad-norm 0 nothing is clipped.
+        norm = acc.clip_grad_norm_([p for p in wrapper.parameters() if p.requires_grad],
+                                   opts.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]                     # the rate this step runs at
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "loss": float(stats[0]), "lr": scheduler.get_last_lr()[0]}
+        seconds = time.time() - t0
+        computed, example_tokens, target_tokens = (float(v) for v in stats[-3:])
+        record = {"step": step, "loss": float(stats[0]), "lr": lr,
+                  "grad_norm": float(norm) if norm is not None else float("nan"),
+                  "computed_tokens": computed, "example_tokens": example_tokens, "target_tokens": target_tokens,
+                  "tokens_per_s": example_tokens / seconds if seconds > 0 else 0.0}
         for i, name in enumerate(("L_SFT", "L_REF", "L_SEL", "L_WARM")):
             tokens = float(stats[1 + len(TASKS) + i])
             if tokens:

@@ -156,6 +156,31 @@ def test_naive_loss_equals_fused_values_and_gradients(setup, packing):
         TargetLogprobs(model, loss="chunked")
 
 
+@pytest.mark.parametrize("loss", ["fused", "naive"])
+def test_known_example_weights_give_the_weighted_loss_and_its_gradients(setup, loss):
+    """With the trainer's example weights the wrapper returns -Σ w·logp (fused: weighted_nll,
+    gradients formed in the forward) and the detached logp: equal to weighting the plain
+    per-example log-likelihoods, in value and in every gradient."""
+    kind, model, reference_model, processor, examples = setup
+    tokenized, _ = tokenize_examples(processor, examples, max_length=10_000)
+    batch, = pack(tokenized, mode="tree", max_tokens=10_000)
+    weights = torch.linspace(0.25, 2.0, batch.n_examples)
+    wrapper = TargetLogprobs(model, loss=loss)
+    model.zero_grad()
+    logp, _ = wrapper(batch)
+    expected = -(weights * logp).sum()
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got, got_logp, n_tokens = wrapper(batch, weights)
+    got.backward()
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_logp, logp.detach(), rtol=1e-5, atol=1e-5)
+    assert not got_logp.requires_grad and n_tokens.tolist() == batch.n_target_tokens.tolist()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_edge_cases(setup):
     """One example per trie; identical examples; an example that is a prefix of another; tries
     that fill a row exactly."""
