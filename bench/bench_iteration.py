@@ -49,9 +49,13 @@ PHASES = ("bootstrap", "build", "train", "eval")
 TARGETS = {"cpu": {"speedup": 2.0}, "cuda": {"speedup": 5.0, "memory_ratio": 0.5}}
 
 
-def run_config(args: list[str], run_dir: Path, env: dict) -> dict:
-    """Run one iteration in a fresh process; return its phase records."""
-    cmd = [sys.executable, "-m", "r3v_fast.train", *args, "--run-dir", str(run_dir), "--progress", "false"]
+RUNNER = Path(__file__).resolve().parent / "iteration_run.py"
+
+
+def run_config(args: list[str], run_dir: Path, env: dict, runner_args: list[str] = ()) -> dict:
+    """Run one iteration in a fresh process (bench/iteration_run.py around python -m
+    r3v_fast.train); return its phase records."""
+    cmd = [sys.executable, str(RUNNER), *runner_args, "--", *args, "--run-dir", str(run_dir), "--progress", "false"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -79,13 +83,15 @@ def phase_table(records: dict) -> dict:
     return phases
 
 
-def compare(workload: str, base_args: list[str], device: str, env: dict, rounds: int = 2) -> dict:
+def compare(workload: str, base_args: list[str], device: str, env: dict, rounds: int = 2,
+            runner_args: list[str] = (), configs: dict = CONFIGS) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="r3v_bench_iter_") as tmp:
-        for name, extra in CONFIGS.items():
+        for name, extra in configs.items():
             runs = []
             for r in range(rounds):
-                records = run_config([*base_args, *extra], Path(tmp) / f"{name.replace(' ', '_')}_{r}", env)
+                records = run_config([*base_args, *extra], Path(tmp) / f"{name.replace(' ', '_')}_{r}", env,
+                                     runner_args)
                 runs.append(phase_table(records))
             walls = [sum(p["seconds"] for p in run.values()) for run in runs]
             best = runs[walls.index(min(walls))]
@@ -141,3 +147,89 @@ def test_cpu_one_iteration(benchmark):
     save_result("iteration.json", "cpu", "cpu_shapes_math_200", report)
     for name, r in report["configs"].items():   # the same work in every configuration
         assert r["phases"]["bootstrap"]["samples"] == report["configs"]["r3v_fast"]["phases"]["bootstrap"]["samples"]
+
+
+# ---------------------------------------------------------------------------- GPU workload
+GPU_TRAIN, GPU_TEST, GPU_IMAGE, GPU_QUESTION_TOKENS, GPU_LENGTHS = 64, 32, 448, (100, 300), (64, 384)
+
+
+def gpu_workload(folder: Path, *, tiny: bool = False) -> tuple[Path, Path, Path, Path]:
+    """A random-weight Qwen2-VL-2B-shaped model directory (bf16, built from its config; the
+    tiny tokenizer and a processor sized so that a 448 px image is 256 tokens) and synthetic
+    data: 448x448 random images, questions of 100-300 tokens of random words, warm-up records
+    with worked solutions. ``tiny`` builds the same pipeline at tiny sizes, to dry-run it on a
+    CPU. Returns (model dir, train file, test file, warm-up file)."""
+    import numpy as np
+    from PIL import Image
+
+    from r3v_fast.data.records import Record, write_records
+    from r3v_fast.model.tiny import make_tiny_qwen2vl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    side = 112 if tiny else GPU_IMAGE
+    model, processor = make_tiny_qwen2vl(seed=0, min_pixels=side * side, max_pixels=side * side)
+    if not tiny:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_sampler import qwen2vl_2b_shape
+
+        model = qwen2vl_2b_shape(processor, "cpu")
+    model_dir = folder / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "circle", "square", "how", "many", "are", "left", "objects", "add", "remove",
+             "each", "the", "of", "and", "in", "total", "three", "large", "small"]
+    tokenizer = processor.tokenizer
+
+    def question(i: int) -> str:
+        target = int(rng.integers(GPU_QUESTION_TOKENS[0], GPU_QUESTION_TOKENS[1] + 1)) // (8 if tiny else 1)
+        text = ""
+        while len(tokenizer(text)["input_ids"]) < target:
+            text += " " + " ".join(rng.choice(words, size=8))
+        return text.strip() + "?"
+
+    def records(name: str, n: int, rationale: bool = False) -> list[Record]:
+        out = []
+        for i in range(n):
+            path = folder / "images" / f"{name}-{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+            meta = {"rationale": " ".join(rng.choice(words, size=120 if not tiny else 20)) + "\nAnswer: 1"} \
+                if rationale else None
+            out.append(Record(id=f"{name}-{i}", image=str(path), question=question(i), answer="1",
+                              dataset="shapes-math", meta=meta))
+        write_records(folder / f"{name}.jsonl", out)
+        return out
+
+    records("train", GPU_TRAIN if not tiny else 6)
+    records("test", GPU_TEST if not tiny else 4)
+    records("warmup", GPU_TRAIN // 4 if not tiny else 2, rationale=True)
+    return model_dir, folder / "train.jsonl", folder / "test.jsonl", folder / "warmup.jsonl"
+
+
+def gpu_args(model_dir: Path, train: Path, test: Path, warmup: Path, lengths=GPU_LENGTHS) -> list[str]:
+    return ["--preset", "public", "--model", str(model_dir), "--data", str(train), "--test-data", str(test),
+            "--warmup-data", str(warmup), "--warmup-round", "false", "--iterations", "1", "--epochs", "1",
+            "--eval-base", "false", "--eval-ks", "1,3", "--k", "3", "--max-new-tokens", str(lengths[1]),
+            "--select-max-new-tokens", "16", "--sample-batch-size", "16", "--batch-size", "16",
+            "--max-tokens", "8192", "--max-length", "4096", "--lora-r", "0"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_one_iteration(benchmark, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    paths = gpu_workload(tmp_path / "workload")
+    runner = ["--forced-lengths", f"{GPU_LENGTHS[0]},{GPU_LENGTHS[1]}", "--judge-by-hash"]
+    args = gpu_args(*paths)
+    workload = (f"Qwen2-VL-2B shape, random weights, bf16; {GPU_TRAIN} train + {GPU_TEST} test questions, "
+                f"448 px images, {GPU_QUESTION_TOKENS[0]}-{GPU_QUESTION_TOKENS[1]}-token questions, branch "
+                f"lengths forced uniform {GPU_LENGTHS[0]}-{GPU_LENGTHS[1]}, correctness by hash")
+    full = {"r3v_fast": CONFIGS["r3v_fast"], "public-style": CONFIGS["public-style"]}
+    report = benchmark.pedantic(compare, args=(workload, args, "cuda", env), rounds=1, iterations=1,
+                                kwargs=dict(rounds=1, runner_args=runner, configs=full))
+    print_report("cuda full fine-tuning", report)
+    save_result("iteration.json", "cuda", "gpu_qwen2vl2b_full", report)
+    lora = compare(workload + ", LoRA r 64", [*args, "--lora-r", "64"], "cuda", env, rounds=1,
+                   runner_args=runner, configs=full)
+    print_report("cuda LoRA r 64", lora)
+    save_result("iteration.json", "cuda", "gpu_qwen2vl2b_lora64", lora)

@@ -245,7 +245,10 @@ class HFSampler:
 
     def _processors(self, batch: Sequence[Request], params: SamplingParams,
                     prompt_width: int) -> LogitsProcessorList:
-        """transformers' warpers in ``generate``'s order, then the batch-independent draw."""
+        """transformers' warpers in ``generate``'s order, then the batch-independent draw (none
+        for greedy decoding: argmax)."""
+        if params.greedy:
+            return LogitsProcessorList()
         row_keys = [branch_key(params.seed, request_key(r), b) for r in batch for b in range(params.k)]
         processors = [TemperatureLogitsWarper(params.temperature)]
         if params.top_k > 0:
@@ -278,7 +281,8 @@ class HFSampler:
                               pad_token_id=pad_id(self.processor), num_return_sequences=params.k,
                               return_dict_in_generate=True)
             if params.greedy:
-                generation.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                generation.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                                  logits_processor=self._processors(batch, params, width))
             else:
                 # Neutral sampling settings, so that generate adds no warpers of its own: ours
                 # (the same classes, same order) run inside the list, before the draw.
