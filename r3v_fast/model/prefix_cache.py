@@ -1,6 +1,6 @@
 """Shared-prefix KV cache and the attention function that reads it ("r3v_prefix").
 
-Shared-prefix sampling (DESIGN §2) prefills each image + question once and decodes many
+Shared-prefix sampling (docs/architecture.md, "Where the time and memory go") prefills each image + question once and decodes many
 branches from it: K sampled solutions, a greedy one, later the select prompts. This module is
 the model side of that: a transformers ``Cache`` subclass that stores each question's prefix
 KV **once** and every branch's own KV separately, and an attention function registered with

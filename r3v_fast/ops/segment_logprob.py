@@ -7,7 +7,7 @@ per-segment sums, forward and backward, without ever storing the [tokens x vocab
     token_logprob(hidden [*, D], weight [V, D], targets [*])            -> logp [T] f32
     segment_logprob(..., segment_ids [*], num_segments)                  -> sums [S] f32
 
-Registered with torch.library (DESIGN.md §6) as three custom ops, opaque to torch.compile
+Registered with torch.library (docs/architecture.md, "Ops and backends") as three custom ops, opaque to torch.compile
 (fullgraph works) and checked with torch.library.opcheck:
 
     r3v::token_logprob(hidden, weight, targets, bias, ignore_index, softcap, backend) -> (logp, lse)

@@ -2,8 +2,9 @@
 
 Oracle: `_exact_attention`, a few-line float64 loop that, for every (question, branch, head),
 concatenates the valid prefix and suffix keys and runs plain softmax attention. It shares no
-code with the package. Errors are judged as in DESIGN §6: max |out - exact| must be at most
-2x the error of naive attention computed in the same dtype (`_eager_attention`) plus a floor
+code with the package. Errors are judged as in docs/architecture.md ("Numerics and tests"):
+max |out - exact| must be at most 2x the error of naive attention computed in the same dtype
+(`_eager_attention`) plus a floor
 (fp32 1e-5, fp16 1e-3, bf16 1e-2).
 
 The Triton backend runs on CUDA, or on the CPU when TRITON_INTERPRET=1 is set before the run:
@@ -54,7 +55,8 @@ def _exact_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suf
 
 
 def _eager_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, scale):
-    """Naive attention entirely in the inputs' dtype: the 'eager error' yardstick of DESIGN §6."""
+    """Naive attention entirely in the inputs' dtype: the "eager error" yardstick of the
+    tolerance rule (docs/architecture.md, "Numerics and tests")."""
     num_q, num_branches, num_heads, _ = q.shape
     group = num_heads // prefix_k.shape[1]
     out = torch.zeros_like(q)

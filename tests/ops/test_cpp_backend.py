@@ -1,7 +1,7 @@
 """Tests of the C++ CPU backend (r3v_fast/ops/cpp_backend.py over csrc/token_logprob.cpp).
 
 Every result is compared with a float64 full-logits implementation written here. The bound
-follows DESIGN.md §6: the kernel's error may be at most 2x the error of the same fp32 math
+follows docs/architecture.md ("Numerics and tests"): the kernel's error may be at most 2x the error of the same fp32 math
 done eagerly by PyTorch (full logits, logsumexp, autograd) plus a 1e-5 floor, errors being
 measured as max |x - ref| / max |ref|. Shapes are chosen around the kernel's blocks (64-token
 panels, 192-token and 192-row vocabulary blocks, 64-wide D panels) so every tail path runs.

@@ -1,7 +1,7 @@
 """Tests for r3v_fast.ops.token_logprob / segment_logprob on every backend that can run here.
 
 The oracle is a float64 full-logits computation written out below (log_softmax + gather,
-gradients by autograd), independent of the package. Tolerance (DESIGN.md §6): the max error,
+gradients by autograd), independent of the package. Tolerance (docs/architecture.md, "Numerics and tests"): the max error,
 relative to the largest reference value, must be <= max(2 x the same-dtype eager error, floor)
 with floors fp32 1e-5, fp16 1e-3, bf16 1e-2. The "eager" run is the same few lines in the
 input dtype. Backends: "torch" always, "cpp" when the extension is built, "triton" on CUDA or
