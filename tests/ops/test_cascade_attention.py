@@ -4,8 +4,7 @@ Oracle: `_exact_attention`, a few-line float64 loop that, for every (question, b
 concatenates the valid prefix and suffix keys and runs plain softmax attention. It shares no
 code with the package. Errors are judged as in docs/architecture.md ("Numerics and tests"):
 max |out - exact| must be at most 2x the error of naive attention computed in the same dtype
-(`_eager_attention`) plus a floor
-(fp32 1e-5, fp16 1e-3, bf16 1e-2).
+(`_eager_attention`) plus a floor (fp32 1e-5, fp16 1e-3, bf16 1e-2).
 
 The Triton backend runs on CUDA, or on the CPU when TRITON_INTERPRET=1 is set before the run:
     TRITON_INTERPRET=1 python -m pytest tests/ops/test_cascade_attention.py -q
