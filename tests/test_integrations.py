@@ -332,3 +332,69 @@ def test_merge_and_unload_keeps_a_correct_patch():
     assert out.logits is None  # still patched: documented in the README
     torch.testing.assert_close(out.loss, merged_ref(**batch).loss, rtol=1e-5, atol=0)
     assert remove_fused_loss(merged)(**batch).logits is not None
+
+
+# ---------------------------------------------------------------- TRL
+def _trl_setup():
+    """(trl, datasets, tokenizer, a tiny Qwen2 with the embedded tokenizer's vocabulary)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from r3v_fast.model.tiny import PACKAGED_MODEL  # the embedded tiny model: its tokenizer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(PACKAGED_MODEL)
+    config = transformers.Qwen2Config(**{**_text(), "vocab_size": len(tokenizer)}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return trl, datasets, tokenizer, transformers.Qwen2ForCausalLM(config)
+
+
+def _trl_train(trainer_class, config_class, model, patch: bool, monkeypatch, tmp_path, **trainer_kwargs):
+    """Two steps; returns (the logged rows, how often r3v_fast's token_logprob ran)."""
+    import r3v_fast.integrations as integrations
+
+    args = config_class(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                        report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True,
+                        seed=0, bf16=False)  # fp32: bf16 autocast would round TRL's own head, not ours
+    if "ref_model" in trainer_kwargs:  # DPO: a frozen copy of the starting model
+        trainer_kwargs["ref_model"] = copy.deepcopy(trainer_kwargs["ref_model"])
+    trainer = trainer_class(model=copy.deepcopy(model), args=args, **trainer_kwargs)
+    calls = []
+    if patch:  # the README's lines: patch after the trainer is built
+        apply_fused_loss(trainer.model, small_head_fallback=False)
+        if getattr(trainer, "ref_model", None) is not None:
+            apply_fused_loss(trainer.ref_model, small_head_fallback=False)
+        original = integrations.token_logprob
+        monkeypatch.setattr(integrations, "token_logprob", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    trainer.train()
+    return [row for row in trainer.state.log_history if "loss" in row], len(calls)
+
+
+def _assert_same_logs(logs, reference, keys):
+    assert len(logs) == len(reference) == 2
+    for row, ref in zip(logs, reference):
+        for key in keys:
+            assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (key, row, ref)
+
+
+def test_trl_sft_trainer_runs_our_op_with_the_unpatched_losses_and_metrics(monkeypatch, tmp_path):
+    trl, datasets, tokenizer, model = _trl_setup()
+    data = datasets.Dataset.from_list([{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."}
+                                       for i in range(8)])
+    runs = [_trl_train(trl.SFTTrainer, trl.SFTConfig, model, patch, monkeypatch, tmp_path / str(patch),
+                       train_dataset=data, processing_class=tokenizer) for patch in (False, True)]
+    (reference, no_calls), (logs, calls) = runs
+    assert no_calls == 0 and calls == 2  # one fused forward per step, through r3v_fast
+    _assert_same_logs(logs, reference, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
+
+
+def test_trl_dpo_trainer_runs_our_op_with_the_unpatched_losses_and_metrics(monkeypatch, tmp_path):
+    trl, datasets, tokenizer, model = _trl_setup()
+    data = datasets.Dataset.from_list([{"prompt": f"What is {i} plus {i}?", "chosen": f" It is {2 * i}.",
+                                        "rejected": f" It is {2 * i + 1}."} for i in range(8)])
+    runs = [_trl_train(trl.DPOTrainer, trl.DPOConfig, model, patch, monkeypatch, tmp_path / str(patch),
+                       train_dataset=data, processing_class=tokenizer, ref_model=model) for patch in (False, True)]
+    (reference, no_calls), (logs, calls) = runs
+    assert no_calls == 0 and calls >= 4  # policy and reference log-probabilities, each step
+    keys = [k for k in reference[0] if k.startswith(("rewards/", "logps/", "logits/")) or k in
+            ("loss", "grad_norm", "entropy", "mean_token_accuracy")]
+    assert {"loss", "rewards/chosen", "logps/chosen", "entropy", "mean_token_accuracy"} <= set(keys)
+    _assert_same_logs(logs, reference, keys)
