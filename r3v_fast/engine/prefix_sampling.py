@@ -50,11 +50,11 @@ _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_typ
 _ROPE_KEYS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
-def cache_keyword(backbone) -> str:
-    """The keyword a backbone's forward takes its KV cache under: ``cache`` from transformers
-    5.24 on (``past_key_values`` still works there with a FutureWarning, until 5.40), else
+def cache_keyword(module) -> str:
+    """The keyword a model's forward takes its KV cache under: ``cache`` from transformers 5.24
+    on (``past_key_values`` still works there with a FutureWarning, until 5.40), else
     ``past_key_values`` (5.17 and earlier have no ``cache``)."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -101,7 +101,7 @@ class PrefixSamplerBase:
         self.stop_ids = stop_token_ids(model, processor)
         self.pad_id = pad_id(processor)
         self.lm_head, self.backbone = lm_head_and_backbone(model)
-        self.cache_keyword = cache_keyword(self.backbone)
+        self.cache_keyword = cache_keyword(unwrap_peft(model).model)  # the module the backbone calls
         base = unwrap_peft(model)
         self.config = base.config
         self.num_layers = self.config.get_text_config().num_hidden_layers
