@@ -70,6 +70,15 @@ def build(kind: str):
     return model
 
 
+@pytest.fixture
+def fuse_any_vocabulary(monkeypatch):
+    """The README's lines as written (no setting) on these tiny-vocabulary models: the
+    small-head fallback threshold set to 0."""
+    import r3v_fast.integrations as integrations
+
+    monkeypatch.setattr(integrations, "CPU_FUSED_MIN_VOCAB", 0)
+
+
 def fused(model, **kwargs):
     """apply_fused_loss with the small-head fallback off: these models are far below it."""
     return apply_fused_loss(model, small_head_fallback=False, **kwargs)
@@ -198,8 +207,8 @@ def test_refuses_models_it_cannot_patch():
         apply_fused_loss(model)
 
 
-def test_trainer_steps_with_patched_model(tmp_path):
-    model = fused(build("llama"))
+def test_trainer_steps_with_patched_model(tmp_path, fuse_any_vocabulary):
+    model = apply_fused_loss(build("llama"))
     examples = [{k: v[i] for k, v in make_batch("llama", False, seed=s).items()} for s in range(2) for i in range(2)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                                           learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
@@ -306,9 +315,9 @@ def _seeded_loss_and_grads(model, batch):
 @pytest.mark.parametrize("lora", [dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
                                   dict(target_modules=["q_proj", "lm_head"], lora_dropout=0.25)],
                          ids=["modules_to_save", "lora_on_lm_head"])
-def test_peft_head_matches_unpatched_loss_and_gradients(lora):
+def test_peft_head_matches_unpatched_loss_and_gradients(lora, fuse_any_vocabulary):
     reference = _peft_copy(build("llama"), **lora)
-    patched = fused(copy.deepcopy(reference))
+    patched = apply_fused_loss(copy.deepcopy(reference))
     batch = make_batch("llama", False)
     ref, ref_grads = _seeded_loss_and_grads(reference, batch)
     out, grads = _seeded_loss_and_grads(patched, batch)
@@ -322,9 +331,9 @@ def test_peft_head_matches_unpatched_loss_and_gradients(lora):
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
-def test_merge_and_unload_keeps_a_correct_patch():
+def test_merge_and_unload_keeps_a_correct_patch(fuse_any_vocabulary):
     reference = _peft_copy(build("llama"), target_modules=["q_proj", "lm_head"])
-    patched = fused(copy.deepcopy(reference))
+    patched = apply_fused_loss(copy.deepcopy(reference))
     merged_ref, merged = reference.merge_and_unload(), patched.merge_and_unload()
     assert type(merged.lm_head) is torch.nn.Linear
     batch = make_batch("llama", False)
@@ -359,9 +368,9 @@ def _trl_train(trainer_class, config_class, model, patch: bool, monkeypatch, tmp
     trainer = trainer_class(model=copy.deepcopy(model), args=args, **trainer_kwargs)
     calls = []
     if patch:  # the README's lines: patch after the trainer is built
-        apply_fused_loss(trainer.model, small_head_fallback=False)
+        apply_fused_loss(trainer.model)  # vocabulary 762: above the small-head fallback
         if getattr(trainer, "ref_model", None) is not None:
-            apply_fused_loss(trainer.ref_model, small_head_fallback=False)
+            apply_fused_loss(trainer.ref_model)
         original = integrations.token_logprob
         monkeypatch.setattr(integrations, "token_logprob", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     trainer.train()
