@@ -21,7 +21,7 @@ The original forward runs untouched, logits and HF's loss included, when:
 - the model is in eval mode: ``Trainer.evaluate`` / ``predict`` hand the logits to
   ``compute_metrics``, and no gradient is kept there, so the logits cost no backward memory;
 - the head is on the CPU and its vocabulary is below ``CPU_FUSED_MIN_VOCAB``: such logits are
-  small, and the plain path is faster there (measured: bench/bench_fused_loss_small_head.py,
+  small, and the plain path is as fast or faster there (measured: bench/bench_fused_loss_small_head.py,
   figures in bench/results/fused_loss_small_head.json). ``small_head_fallback=False`` turns this
   off; ``uses_fused_path`` is the rule.
 
@@ -65,10 +65,9 @@ from r3v_fast.ops import token_logprob, weighted_nll
 __all__ = ["apply_fused_loss", "remove_fused_loss", "causal_lm_loss", "CPU_FUSED_MIN_VOCAB", "uses_fused_path"]
 
 # Below this vocabulary a CPU head takes the plain path (logits + HF's loss): the [T x V] logits
-# are then small, and the fused kernel's per-token work (its loop over vocabulary chunks, the
-# custom-op dispatch) costs more than the products and the memory it saves.
-# bench/bench_fused_loss_small_head.py measures where it starts to win (figures in the README).
-CPU_FUSED_MIN_VOCAB = 512
+# are then small, and the fused loss alone measured slower or even there (up to 2.1x at V = 96),
+# faster from V = 1536 on (bench/bench_fused_loss_small_head.py, figures in the README).
+CPU_FUSED_MIN_VOCAB = 1024
 
 _LOGIT_POSTPROCESSING = {"final_logit_softcapping": None, "logit_scale": None, "logits_scaling": 1.0}
 _TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -304,7 +303,8 @@ def apply_fused_loss(model, *, backend: str = "auto", small_head_fallback: bool 
     """Patch ``model`` in place (and return it) so that training calls with ``labels`` (and TRL's
     ``fused_lm_head=True`` calls) use the fused loss.
 
-    small_head_fallback: a CPU head with fewer than ``CPU_FUSED_MIN_VOCAB`` rows takes the plain path.
+    small_head_fallback: with ``labels``, a CPU head with fewer than ``CPU_FUSED_MIN_VOCAB`` rows
+    takes the plain path (TRL's calls are always fused).
     Calling it again updates the settings (and wraps a forward installed in between, such as
     TRL's); ``remove_fused_loss`` undoes it.
     """

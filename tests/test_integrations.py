@@ -368,7 +368,7 @@ def _trl_train(trainer_class, config_class, model, patch: bool, monkeypatch, tmp
     trainer = trainer_class(model=copy.deepcopy(model), args=args, **trainer_kwargs)
     calls = []
     if patch:  # the README's lines: patch after the trainer is built
-        apply_fused_loss(trainer.model)  # vocabulary 762: above the small-head fallback
+        apply_fused_loss(trainer.model)  # (TRL's fused_lm_head calls are fused whatever the vocabulary)
         if getattr(trainer, "ref_model", None) is not None:
             apply_fused_loss(trainer.ref_model)
         original = integrations.token_logprob
