@@ -407,3 +407,45 @@ def test_trl_dpo_trainer_runs_our_op_with_the_unpatched_losses_and_metrics(monke
             ("loss", "grad_norm", "entropy", "mean_token_accuracy")]
     assert {"loss", "rewards/chosen", "logps/chosen", "entropy", "mean_token_accuracy"} <= set(keys)
     _assert_same_logs(logs, reference, keys)
+
+
+def test_trl_fused_lm_head_fields_against_a_float64_reference():
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = build("qwen2")
+    reference = copy.deepcopy(model)
+    fields = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    add_fused_lm_head(model, outputs=fields)  # what TRL's trainers do in their constructor
+    apply_fused_loss(model)
+    batch = make_batch("qwen2", False)
+    out = model(**batch, fused_lm_head=True)
+    with torch.no_grad():
+        logits = reference(**{k: v for k, v in batch.items() if k != "labels"}).logits.double()[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logp = logits.log_softmax(-1)  # [B, S-1, V] float64
+    expected = {
+        "log_probs": logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0],
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "log_sum_sq_probs": torch.logsumexp(2 * logp, dim=-1),
+        "mean_logits": logits.mean(-1),
+        "is_top1": (logits.argmax(-1) == labels).double(),
+    }
+    for name, want in expected.items():
+        torch.testing.assert_close(getattr(out, name).double(), want * mask, rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(out.label_mask, mask)
+    torch.testing.assert_close(out.loss.double(), -expected["log_probs"][mask].mean(), rtol=1e-5, atol=0)
+    out.loss.backward()  # the log-probabilities carry the gradient
+    assert model.lm_head.weight.grad is not None
+
+
+def test_trl_heads_at_another_temperature_are_refused():
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = build("llama")
+    add_fused_lm_head(model, temperature=0.7)
+    apply_fused_loss(model)
+    with pytest.raises(ValueError, match="temperature 0.7"):
+        model(**make_batch("llama", False), fused_lm_head=True)
