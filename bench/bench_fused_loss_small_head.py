@@ -111,8 +111,8 @@ def main() -> None:
         entry["fused_over_plain_wall"] = [round(f[0] / p[0], 3) for f, p in zip(runs["fused"], runs["plain"])]
         entry["load_average"] = [round(x, 2) for x in os.getloadavg()]
         results[hidden, vocab] = entry
-        print(f"D={hidden} V={vocab}: fused/plain cpu {entry['fused_over_plain_cpu']} wall {entry['fused_over_plain_wall']} "
-              f"head alone {entry['head_fused_over_plain_cpu']} (plain cpu {entry['plain']['cpu_s']} s, "
+        print(f"D={hidden} V={vocab}: fused/plain cpu {entry['fused_over_plain_cpu']} "
+              f"wall {entry['fused_over_plain_wall']} head alone {entry['head_fused_over_plain_cpu']} (plain cpu {entry['plain']['cpu_s']} s, "
               f"load {entry['load_average']})", flush=True)
     setup = dict(batch=BATCH, seq=SEQ, layers=2, rounds=ROUNDS, passes=PASSES, dtype="float32", threads=1)
     for (hidden, vocab), entry in results.items():
