@@ -93,6 +93,8 @@ setup(
         "dev": [
             "pytest", "pytest-benchmark", "hypothesis",
             "tensorboard",   # the --report-to tensorboard test reads the event files
+            # apply_fused_loss under TRL's SFTTrainer / DPOTrainer (tested with 1.16, beside transformers 5.24)
+            "trl>=1.16,<2",
             # Triton kernels are tested on the CPU under TRITON_INTERPRET=1.
             "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],

@@ -33,6 +33,7 @@ the new tokens up to and including the stop token), so the samplers are intercha
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -47,6 +48,13 @@ __all__ = ["BranchOutput", "PreparedPrompt", "PrefixSamplerBase", "branch_number
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 # Multimodal keys that ``get_rope_index`` of the Qwen-VL models reads.
 _ROPE_KEYS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+
+def cache_keyword(module) -> str:
+    """The keyword a model's forward takes its KV cache under: ``cache`` from transformers 5.24
+    on (``past_key_values`` still works there with a FutureWarning, until 5.40), else
+    ``past_key_values`` (5.17 and earlier have no ``cache``)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -93,6 +101,7 @@ class PrefixSamplerBase:
         self.stop_ids = stop_token_ids(model, processor)
         self.pad_id = pad_id(processor)
         self.lm_head, self.backbone = lm_head_and_backbone(model)
+        self.cache_keyword = cache_keyword(unwrap_peft(model).model)  # the module the backbone calls
         base = unwrap_peft(model)
         self.config = base.config
         self.num_layers = self.config.get_text_config().num_hidden_layers
@@ -229,7 +238,8 @@ class PrefixSamplerBase:
             positions = positions.unsqueeze(0).expand(3, -1, -1)     # text tokens: t = h = w position
         if attend:
             inputs["r3v_prefix"] = cache
-        return self.backbone(**inputs, position_ids=positions, past_key_values=cache, use_cache=True)
+        inputs[self.cache_keyword] = cache
+        return self.backbone(**inputs, position_ids=positions, use_cache=True)
 
     def _branch_output(self, tokens: list[int], logprobs: list[float]) -> BranchOutput:
         text = self.processor.batch_decode([tokens], skip_special_tokens=True)[0]

@@ -20,7 +20,7 @@ whose "r3v_prefix" attention function this cache plugs into through ``attend``):
 
 - ``prefill``: the prompts of newly admitted questions, right-padded. ``update`` scatters each
   token's key/value to its (block, offset) destination; attention is plain causal SDPA (right
-  padding needs no mask). The sampler passes the cache as ``past_key_values`` only, so the
+  padding needs no mask). The sampler passes the cache as the model's cache argument only, so the
   attention function falls back to SDPA and the vision tower sees no foreign keyword.
 - ``extend``: new branches that start with several tokens (the select prompt after the part it
   shares with the CoT prompt), right-padded. Each row attends to the first ``prefix_lens``

@@ -6,7 +6,8 @@ the model side of that: a transformers ``Cache`` subclass that stores each quest
 KV **once** and every branch's own KV separately, and an attention function registered with
 transformers' ``AttentionInterface`` that reads it. The HF model itself is not modified; the
 sampler (r3v_fast.engine.shared_sampler) drives it through its normal forward, passing the
-cache both as ``past_key_values`` and as the keyword ``r3v_prefix`` (extra keywords of a
+cache both as the model's cache argument (``cache``; ``past_key_values`` before transformers
+5.24) and as the keyword ``r3v_prefix`` (extra keywords of a
 forward reach the attention function).
 
 Storage, per decoder layer (Q questions in the current layout, K branches each):
@@ -39,7 +40,7 @@ attention function):
   live as long as the branch layout (lengths, scatter index, int32 copies for the kernel), so
   the sampler can capture it in a CUDA graph and replay it.
 
-In the prefill mode the sampler passes the cache as ``past_key_values`` only: without the
+In the prefill mode the sampler passes the cache as the model's cache argument only: without the
 keyword the attention is the model's plain SDPA, which is what a causal, right-padded
 prefill needs, and ``update`` still stores the prefix.
 

@@ -20,6 +20,7 @@ from r3v_fast.data.records import DataError, Record
 from r3v_fast.engine import evaluation
 from r3v_fast.engine.sampler import HFSampler, Request, SamplingParams, load_images
 from r3v_fast.engine.grouped_sampler import GroupedPrefixSampler
+from r3v_fast.engine.prefix_sampling import cache_keyword
 from r3v_fast.engine.shared_sampler import SharedPrefixSampler
 from r3v_fast.model.loading import load_vlm, pad_id
 
@@ -119,6 +120,36 @@ def test_greedy_k1_equals_hf_generate_for_a_batch_of_different_lengths(setup, ki
     # The text API agrees with HFSampler.
     hf = HFSampler(model, processor, batch_size=1, show_progress=False)
     assert sampler.sample(requests, GREEDY) == hf.sample(requests, GREEDY)
+
+
+# transformers marks a keyword for removal with a FutureWarning "... is deprecated and will be
+# removed in version X"; as an error here, any such call of ours fails while it still works.
+@pytest.mark.filterwarnings("error:.*is deprecated and will be removed in version:FutureWarning")
+@pytest.mark.parametrize("setup", ["qwen2vl", "qwen2_5vl", "llava"], indirect=True)
+def test_prefill_extend_and_decode_make_no_deprecated_transformers_calls(setup, kind):
+    model, processor, records, requests = setup
+    sampler = _sampler(kind, model, processor, batch_size=3)
+
+    def select_request(i, candidates):
+        return Request(prompts.render(processor, prompts.select_messages(records[i], candidates)), records[i].image,
+                       key=f"{records[i].id}/select{len(candidates)}")
+
+    _, candidates, selects = evaluation.sample_and_select(
+        sampler, requests, SamplingParams(k=2, temperature=1.0, max_new_tokens=4, seed=1), select_request, [2],
+        SamplingParams(k=1, temperature=0.0, max_new_tokens=3))
+    assert [len(c) for c in candidates] == [2, 2, 2] and len(selects[2]) == 3
+
+
+def test_cache_keyword_follows_the_backbone_signature():
+    class Current(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, past_key_values=None):  # 5.24: both, cache preferred
+            return input_ids
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):  # 5.17
+            return input_ids
+
+    assert cache_keyword(Current()) == "cache" and cache_keyword(Older()) == "past_key_values"
 
 
 @qwen_only
