@@ -167,3 +167,53 @@ def test_scheduler_names_drive_the_learning_rate(name):
         "cosine": ramp + [0.5 * (1 + math.cos(math.pi * (n - 4) / 8)) for n in range(4, 13)],
     }[name]
     assert seen == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------ ranges
+@pytest.mark.parametrize("argv, named", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--chunk-size", "0"], "--chunk-size must be at least 1"),
+    (["--sample-batch-size", "0"], "--sample-batch-size must be at least 1"),
+    (["--lr", "-1"], "--lr must be above 0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--temperature", "-1"], "--temperature must be at least 0"),
+    (["--top-p", "0"], "--top-p must be above 0"),
+    (["--top-p", "1.5"], "--top-p must be at most 1"),
+    (["--top-k", "-1"], "--top-k must be at least 0"),
+    (["--lora-r", "-5"], "--lora-r must be at least 0"),
+    (["--lora-dropout", "1"], "--lora-dropout must be below 1"),
+    (["--save-every", "-1"], "--save-every must be at least 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
+    (["--max-grad-norm", "-0.5"], "--max-grad-norm must be at least 0"),
+    (["--weight-refine", "-1"], "--weight-refine must be at least 0"),
+    (["--kv-block-size", "0"], "--kv-block-size must be at least 1"),
+    (["--eval-max-new-tokens", "0"], "--eval-max-new-tokens must be at least 1"),
+    (["--max-train-questions", "0"], "--max-train-questions must be at least 1"),
+    (["--num-workers", "-1"], "--num-workers must be at least 0"),
+    (["--n-candidates", "1"], "--n-candidates must be at least 2"),
+    (["--max-length", "4096", "--max-tokens", "2048"], "--max-tokens (2048) must be at least --max-length (4096)"),
+    (["--eval-ks", "0,abc"], "--eval-ks must list positive integers"),
+])
+def test_every_range_is_checked_when_the_configuration_is_resolved(argv, named, capsys):
+    """Out-of-range values end as exit 2 naming the flag, before anything is loaded."""
+    with pytest.raises(UsageError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        parse(argv).validate()
+    assert train.main([*argv, "--print-config"]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_boundary_values_are_accepted():
+    cfg = parse(["--temperature", "0", "--top-p", "1", "--top-k", "0", "--lora-r", "0", "--save-every", "0",
+                 "--lora-dropout", "0", "--max-grad-norm", "0", "--num-workers", "0", "--warmup-steps", "0"])
+    assert cfg.validate() is cfg
+
+
+def test_every_numeric_field_has_a_range():
+    """A new numeric option cannot slip in unchecked."""
+    for group in GROUPS:
+        for f, kind in config._option_fields(group):
+            base, _ = config._unwrap_optional(kind)
+            if base in (int, float):
+                assert config.bounds_of(f), f"{group.__name__}.{f.name} has no range"
