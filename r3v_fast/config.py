@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import json
 import math
+import textwrap
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -53,7 +54,7 @@ from r3v_fast.data.loaders import FORMATS
 
 __all__ = ["UsageError", "option", "ModelOptions", "DataOptions", "RunOptions", "LoopOptions",
            "SamplingOptions", "TaskOptions", "TrainOptions", "EvalOptions", "RunConfig", "GROUPS",
-           "PRESETS", "add_options", "parse_run_config", "resolve_bf16", "LR_SCHEDULERS"]
+           "PRESETS", "RESUMABLE", "add_options", "parse_run_config", "resolve_bf16", "LR_SCHEDULERS"]
 
 
 class UsageError(Exception):
@@ -310,6 +311,27 @@ class RunConfig:
     def from_json(cls, text: str) -> RunConfig:
         return cls.from_flat(flatten_json(json.loads(text)))
 
+    def resumed_with(self, given: dict[str, Any]) -> tuple[RunConfig, dict[str, tuple[Any, Any]]]:
+        """This (saved) configuration with the settings ``given`` on the ``--resume`` command line
+        applied: a field declared ``on_resume`` takes the new value; any other field must keep
+        its recorded value (giving it again unchanged is fine), else UsageError naming the flag
+        and the recorded value. Returns the configuration and the changes {name: (old, new)}.
+        ``run_dir`` and ``resume`` only locate the run and are not compared."""
+        saved = self.flat()
+        changes: dict[str, tuple[Any, Any]] = {}
+        for name, value in given.items():
+            if name in ("run_dir", "resume") or value == saved[name]:
+                continue
+            if not FIELD_META[name].get("on_resume"):
+                raise UsageError(
+                    f"{flag(name)} {_show(value)}: this run was started with {flag(name)} {_show(saved[name])}, "
+                    "and changing it on --resume would mix incompatible work; start a new run with "
+                    "another --run-dir (settings that can change on --resume: "
+                    f"{', '.join(flag(n) for n in RESUMABLE)})")
+            changes[name] = (saved[name], value)
+        resumed = self.replace(**{name: new for name, (_, new) in changes.items()}) if changes else self
+        return resumed, changes
+
     def validate(self) -> RunConfig:
         """Check every field's type, choices and range (the field's declared bounds, finite
         floats) and the cross-field rules; raise UsageError naming the flag. Returns self."""
@@ -335,6 +357,18 @@ for _group in GROUPS:
             raise TypeError(f"option {_f.name!r} is defined in both {FIELD_GROUP[_f.name].__name__} "
                             f"and {_group.__name__}: flags must be unique")
         FIELD_GROUP[_f.name] = _group
+
+
+FIELD_META: dict[str, dict[str, Any]] = {f.name: dict(f.metadata) for g in GROUPS for f in fields(g)}
+# The settings --resume may change (declared with on_resume=True at their fields).
+RESUMABLE: tuple[str, ...] = tuple(name for name, meta in FIELD_META.items() if meta.get("on_resume"))
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written on the command line."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value)) if value else "(none)"
+    return "none" if value is None else str(value)
 
 
 def flatten_json(loaded: Any) -> dict[str, Any]:
@@ -440,10 +474,13 @@ def _choices(kind) -> tuple | None:
 
 
 def add_options(parser: argparse.ArgumentParser, groups: Sequence[type], *,
-                defaults: dict[str, Any] | None = None, only: Iterable[str] | None = None) -> list[str]:
+                defaults: dict[str, Any] | None = None, only: Iterable[str] | None = None,
+                suppress_defaults: bool = False) -> list[str]:
     """Add one flag per field of ``groups`` (or of the names in ``only``), one argument group per
     option group; ``defaults`` (field name -> value) replace the field defaults, so that
-    ``--help`` shows what a bare run would use. Returns the field names added."""
+    ``--help`` shows what a bare run would use. With ``suppress_defaults`` a flag that is not
+    given leaves no attribute, so the namespace holds exactly what the user typed. Returns the
+    field names added."""
     defaults = defaults or {}
     wanted = None if only is None else set(only)
     added: list[str] = []
@@ -455,7 +492,7 @@ def add_options(parser: argparse.ArgumentParser, groups: Sequence[type], *,
             help_text = f.metadata.get("help")
             if not help_text:
                 raise TypeError(f"option {group.__name__}.{f.name} has no help text")
-            default = defaults.get(f.name, f.default)
+            default = argparse.SUPPRESS if suppress_defaults else defaults.get(f.name, f.default)
             choices = _choices(kind)
             base, optional = _unwrap_optional(kind)
 
@@ -541,11 +578,28 @@ def add_preset_flags(parser: argparse.ArgumentParser, preset: str) -> None:
 def parse_run_config(argv: Sequence[str] | None, *, prog: str = "python -m r3v_fast.train",
                      description: str = "") -> tuple[RunConfig, argparse.Namespace]:
     """The run configuration from the command line (preset < --config < flags), and the
-    namespace (for ``print_config``). UsageError for a bad config file."""
+    namespace (for ``print_config``). ``namespace.given`` holds the settings the user gave
+    explicitly, by flag or in the --config file ({field: value}; what ``--resume`` compares
+    with the saved run), and ``namespace.preset_given`` whether --preset was typed.
+    UsageError for a bad config file."""
     preset, values = preset_and_file_values(argv)
     parser = new_parser(prog, description)
+    parser.epilog = textwrap.fill(
+        "With --resume the run's saved configuration is used, and only these settings may change (each "
+        "change is recorded in the run directory): " + " ".join(flag(name) for name in RESUMABLE)
+        + ". Any other setting must keep its recorded value.", width=100, break_on_hyphens=False)
     add_preset_flags(parser, preset)
     add_options(parser, GROUPS, defaults=values)
     args = parser.parse_args(argv)
     cfg = RunConfig.from_flat({name: getattr(args, name) for name in FIELD_GROUP})
+
+    typed = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    typed.add_argument("--preset")
+    typed.add_argument("--config")
+    typed.add_argument("--print-config", action="store_true")
+    add_options(typed, GROUPS, suppress_defaults=True)
+    explicit = vars(typed.parse_args(argv))
+    args.preset_given = "preset" in explicit
+    file_values = load_config_file(explicit["config"]) if "config" in explicit else {}
+    args.given = {**file_values, **{name: value for name, value in explicit.items() if name in FIELD_GROUP}}
     return cfg, args
