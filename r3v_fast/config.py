@@ -77,6 +77,17 @@ def option(default: Any, help: str, *, at_least: float | None = None, above: flo
     return field(default=default, metadata={"help": help, "bounds": bounds, "on_resume": on_resume})
 
 
+def check_ranges(options: Any) -> None:
+    """Check every field of an option dataclass against its type and its declared range;
+    UsageError naming the flag."""
+    for f, kind in _option_fields(type(options)):
+        value = getattr(options, f.name)
+        coerce(f.name, value, kind)
+        problem = range_error(f.name, value, bounds_of(f))
+        if problem:
+            raise UsageError(problem)
+
+
 def bounds_of(f: dataclasses.Field) -> dict[str, float]:
     """The range an option field declares ({} for non-numeric fields)."""
     return dict(f.metadata.get("bounds", {}))
@@ -335,13 +346,8 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every field's type, choices and range (the field's declared bounds, finite
         floats) and the cross-field rules; raise UsageError naming the flag. Returns self."""
-        for attr, group in zip(_GROUP_ATTRS, GROUPS):
-            for f, kind in _option_fields(group):
-                value = getattr(getattr(self, attr), f.name)
-                coerce(f.name, value, kind)
-                problem = range_error(f.name, value, bounds_of(f))
-                if problem:
-                    raise UsageError(problem)
+        for attr in _GROUP_ATTRS:
+            check_ranges(getattr(self, attr))
         # A micro-batch must hold the longest example training keeps, or packing fails mid-run.
         if self.train.max_tokens < self.train.max_length:
             raise UsageError(f"--max-tokens ({self.train.max_tokens}) must be at least --max-length "
