@@ -149,7 +149,8 @@ class DataOptions:
 class RunOptions:
     title: ClassVar[str] = "run"
     run_dir: str | None = option(None, "run directory; none = runs/<date-time> (with --resume: the latest run)")
-    resume: bool = option(False, "continue the run in --run-dir with its saved configuration")
+    resume: bool = option(False, "continue the run in --run-dir with its saved configuration (the settings "
+                                 "that may change with it are listed at the end of --help)")
     seed: int = option(0, "seed of sampling, task building and batch order", at_least=0)
     progress: bool = option(True, "show progress bars", on_resume=True)
     report_to: tuple[Literal[TRACKERS], ...] = option(
@@ -163,7 +164,8 @@ class LoopOptions:
     iterations: int = option(3, "R3V iterations: bootstrap, build, train, evaluate", at_least=1, on_resume=True)
     init: Literal["base", "previous"] = option(
         "base", "weights each iteration trains from: the base model (public R3V) or the previous iteration's")
-    eval_base: bool = option(True, "evaluate the starting model (iteration 0, or -1 before a warm-up round)", on_resume=True)
+    eval_base: bool = option(True, "evaluate the starting model (iteration 0, or -1 before a warm-up round)",
+                             on_resume=True)
     warmup_round: bool = option(False, "iteration 0 trains on the warm-up data only, and iteration 1 samples "
                                        "from that model (the public pipeline)")
     chunk_size: int = option(64, "questions per sample-pool shard (the unit of resume and of sharding)", at_least=1)
@@ -180,14 +182,17 @@ class SamplingOptions:
     top_p: float = option(0.95, "nucleus sampling: keep the smallest token set of this probability", above=0, at_most=1)
     top_k: int = option(50, "keep only the k most likely tokens (0 = no limit)", at_least=0)
     max_new_tokens: int = option(384, "longest sampled solution, in tokens", at_least=1)
-    sample_batch_size: int = option(16, "questions sampled together (shared: questions in flight)", at_least=1, on_resume=True)
+    sample_batch_size: int = option(16, "questions sampled together (shared: questions in flight)",
+                                    at_least=1, on_resume=True)
     sample_slots: int | None = option(None, "shared: decode slots (branches stepped together); "
-                                            "none = sample-batch-size x branches per question", at_least=1, on_resume=True)
+                                            "none = sample-batch-size x branches per question",
+                                        at_least=1, on_resume=True)
     kv_block_size: int = option(16, "shared: tokens per KV-cache block", at_least=1, on_resume=True)
     kv_budget_tokens: int | None = option(None, "shared: KV pool size in tokens; none = every slot's full "
                                                 "budget plus room for prompts", at_least=1, on_resume=True)
     max_prefill_tokens: int = option(8192, "shared: prompt tokens per prefill forward", at_least=1, on_resume=True)
-    sync_every: int = option(8, "shared: decode steps between host syncs (finish checks, admissions)", at_least=1, on_resume=True)
+    sync_every: int = option(8, "shared: decode steps between host syncs (finish checks, admissions)",
+                             at_least=1, on_resume=True)
 
 
 @dataclass(frozen=True)
@@ -219,10 +224,12 @@ class TrainOptions:
     weight_decay: float = option(0.0, "AdamW weight decay", at_least=0, on_resume=True)
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)", at_least=0, on_resume=True)
     batch_size: int = option(64, "examples per optimizer step (whole question groups)", at_least=1)
-    max_tokens: int = option(4096, "tokens per micro-batch (gradient accumulation over micro-batches)", at_least=1, on_resume=True)
+    max_tokens: int = option(4096, "tokens per micro-batch (gradient accumulation over micro-batches)",
+                             at_least=1, on_resume=True)
     max_length: int = option(2048, "longest example in tokens; longer ones are dropped and counted", at_least=1)
     packing: Literal["tree", "none"] = option(
-        "tree", "tree: one token trie per question shares its image + question prefix; none: padded rows", on_resume=True)
+        "tree", "tree: one token trie per question shares its image + question prefix; none: padded rows",
+        on_resume=True)
     loss: Literal["fused", "naive"] = option(
         "fused", "fused: LM head, log-softmax and target gather in one op, logits never stored; "
                  "naive: full logits (the baseline)", on_resume=True)
@@ -241,14 +248,16 @@ class TrainOptions:
     lora_r: int = option(64, "LoRA rank of the language model's linear layers (0 = full fine-tuning)", at_least=0)
     lora_alpha: int = option(16, "LoRA alpha", at_least=1)
     lora_dropout: float = option(0.05, "LoRA dropout", at_least=0, below=1)
-    save_every: int = option(50, "optimizer steps between saved training states (0 = only on interrupt)", at_least=0, on_resume=True)
+    save_every: int = option(50, "optimizer steps between saved training states (0 = only on interrupt)",
+                             at_least=0, on_resume=True)
 
 
 @dataclass(frozen=True)
 class EvalOptions:
     title: ClassVar[str] = "evaluation"
     eval_ks: str = option("1,3", "comma-separated K values for maj@K, oracle@K and select@K", on_resume=True)
-    eval_max_new_tokens: int | None = option(None, "longest evaluated solution in tokens; none = --max-new-tokens", at_least=1, on_resume=True)
+    eval_max_new_tokens: int | None = option(None, "longest evaluated solution in tokens; none = --max-new-tokens",
+                                             at_least=1, on_resume=True)
     select_max_new_tokens: int | None = option(None, "longest reply to the select prompt at test time; "
                                                      "none = the evaluation length", at_least=1, on_resume=True)
 

@@ -98,7 +98,8 @@ class PretrainConfig:
     batch_arithmetic: int = option(4, "text-only sums and differences per step", at_least=0)
     n_cot_easy: int = option(300, "CoT warm-up items of the counting types (level <= 2)", at_least=0)
     n_cot_hard: int = option(20, "CoT warm-up items of the harder types (level >= 3)", at_least=0)
-    exclude_test_seed: int | None = option(0, "skip items of the default test split of this seed; none = no check", at_least=0)
+    exclude_test_seed: int | None = option(0, "skip items of the default test split of this seed; none = no check",
+                                           at_least=0)
     # optimisation
     steps: int = option(2500, "optimizer steps", at_least=1)
     lr: float = option(3e-3, "peak learning rate", above=0)
