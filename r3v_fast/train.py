@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except TrainingDiverged as err:
         lower = f"{cfg.train.lr / 10:.3g}"
-        print(f"error: {run.phase}: training diverged: {err}\nThe last saved training state holds finite "
-              f"weights; continue from it with a lower learning rate (now --lr {cfg.train.lr:g}), e.g.\n"
-              f"  {resume} --lr {lower}", file=sys.stderr)
+        print(f"error: {run.phase}: training diverged: {err}\nFinished phases are kept; continue from the last "
+              f"saved training state (or the start of this training phase if none was saved) with a lower "
+              f"learning rate than --lr {cfg.train.lr:g}, e.g.\n  {resume} --lr {lower}", file=sys.stderr)
         return EXIT_DIVERGED
     except TrainStateError as err:
         print(f"error: {run.phase}: {err}", file=sys.stderr)

@@ -271,8 +271,10 @@ def test_disk_full_is_one_message_and_leaves_no_temporary_files(tiny_qwen2vl_dir
     (the training state or the checkpoint) fails: exit 4, one message with the phase and the
     resume command, no traceback, no *.tmp left behind."""
     run_dir = tmp_path / "run"
+    # Batches load in the training process: DataLoader workers hand tensors over in /dev/shm
+    # files, which the size limit would cap as well (a different failure than a full run disk).
     args = smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false", "--batch-size", "2",
-                      "--save-every", "1")
+                      "--save-every", "1", "--num-workers", "0")
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"

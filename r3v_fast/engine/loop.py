@@ -231,7 +231,7 @@ class Run:
         self.acc = accelerator
         self.log = log if accelerator.is_main_process else (lambda *a, **k: None)
         self.pool = Pool(run_dir.pool_dir)
-        self.phase = "start"           # the phase in flight, for error messages ("iteration 1 train")
+        self.phase = "run start"       # the phase in flight, for error messages ("iteration 1 train")
         self.dtype = torch.bfloat16 if resolve_bf16(cfg.model.bf16) else torch.float32
 
     # progress + metrics ---------------------------------------------------------------
