@@ -43,6 +43,8 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
+import textwrap
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -52,16 +54,59 @@ from r3v_fast.data.loaders import FORMATS
 
 __all__ = ["UsageError", "option", "ModelOptions", "DataOptions", "RunOptions", "LoopOptions",
            "SamplingOptions", "TaskOptions", "TrainOptions", "EvalOptions", "RunConfig", "GROUPS",
-           "PRESETS", "add_options", "parse_run_config", "resolve_bf16", "LR_SCHEDULERS"]
+           "PRESETS", "RESUMABLE", "add_options", "parse_run_config", "resolve_bf16", "LR_SCHEDULERS"]
 
 
 class UsageError(Exception):
     """Bad configuration or input, found before the work it concerns starts (exit code 2)."""
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a one-line help text (shown by ``--help``)."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, *, at_least: float | None = None, above: float | None = None,
+           at_most: float | None = None, below: float | None = None, on_resume: bool = False) -> Any:
+    """A dataclass field with a one-line help text (shown by ``--help``).
+
+    Numeric fields give their range (``at_least`` / ``above`` / ``at_most`` / ``below``), checked
+    by :meth:`RunConfig.validate` whatever the value came from (preset, file, flag, saved run).
+    ``on_resume``: the field may change when a run is resumed (``--resume --lr 1e-5``); it only
+    changes how work not yet done is carried out (speed, memory, the optimizer, how long the run
+    goes on, what is evaluated), never what finished work means. Every other field is fixed
+    once a run has started (:meth:`RunConfig.resumed_with`).
+    """
+    bounds = {k: v for k, v in dict(at_least=at_least, above=above, at_most=at_most, below=below).items()
+              if v is not None}
+    return field(default=default, metadata={"help": help, "bounds": bounds, "on_resume": on_resume})
+
+
+def check_ranges(options: Any) -> None:
+    """Check every field of an option dataclass against its type and its declared range;
+    UsageError naming the flag."""
+    for f, kind in _option_fields(type(options)):
+        value = getattr(options, f.name)
+        coerce(f.name, value, kind)
+        problem = range_error(f.name, value, bounds_of(f))
+        if problem:
+            raise UsageError(problem)
+
+
+def bounds_of(f: dataclasses.Field) -> dict[str, float]:
+    """The range an option field declares ({} for non-numeric fields)."""
+    return dict(f.metadata.get("bounds", {}))
+
+
+def range_error(name: str, value: Any, bounds: dict[str, float]) -> str | None:
+    """Why ``value`` is outside ``bounds`` (a sentence naming the flag), or None if it is inside.
+    NaN and infinities are refused for every float field: no setting means anything at NaN."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{flag(name)} must be a finite number, got {value}"
+    for kind, limit, ok in (("at least", bounds.get("at_least"), lambda v, l: v >= l),
+                            ("above", bounds.get("above"), lambda v, l: v > l),
+                            ("at most", bounds.get("at_most"), lambda v, l: v <= l),
+                            ("below", bounds.get("below"), lambda v, l: v < l)):
+        if limit is not None and not ok(value, limit):
+            return f"{flag(name)} must be {kind} {limit:g}, got {value:g}"
+    return None
 
 
 # accelerate trackers offered by --report-to (each needs its package installed).
@@ -94,34 +139,36 @@ class DataOptions:
     image_root: str | None = option(None, "folder that image paths are relative to; none = the format's default")
     warmup_image_root: str | None = option(None, "folder the warm-up files' image paths are relative to; "
                                                  "none = --image-root")
-    shapes_train: int = option(600, "questions in the embedded shapes-math train split (no --data)")
-    shapes_test: int = option(200, "questions in the embedded shapes-math test split (no --test-data)")
-    max_train_questions: int | None = option(None, "use at most this many training questions; none = all")
-    max_test_questions: int | None = option(None, "evaluate on at most this many questions; none = all")
+    shapes_train: int = option(600, "questions in the embedded shapes-math train split (no --data)", at_least=1)
+    shapes_test: int = option(200, "questions in the embedded shapes-math test split (no --test-data)", at_least=1)
+    max_train_questions: int | None = option(None, "use at most this many training questions; none = all", at_least=1)
+    max_test_questions: int | None = option(None, "evaluate on at most this many questions; none = all", at_least=1)
 
 
 @dataclass(frozen=True)
 class RunOptions:
     title: ClassVar[str] = "run"
     run_dir: str | None = option(None, "run directory; none = runs/<date-time> (with --resume: the latest run)")
-    resume: bool = option(False, "continue the run in --run-dir with its saved configuration")
-    seed: int = option(0, "seed of sampling, task building and batch order")
-    progress: bool = option(True, "show progress bars")
+    resume: bool = option(False, "continue the run in --run-dir with its saved configuration (the settings "
+                                 "that may change with it are listed at the end of --help)")
+    seed: int = option(0, "seed of sampling, task building and batch order", at_least=0)
+    progress: bool = option(True, "show progress bars", on_resume=True)
     report_to: tuple[Literal[TRACKERS], ...] = option(
         (), "experiment trackers (accelerate's log_with) that receive per-step losses, learning rate, "
-            "grad norm, tokens/s and every iteration's metrics; none by default")
+            "grad norm, tokens/s and every iteration's metrics; none by default", on_resume=True)
 
 
 @dataclass(frozen=True)
 class LoopOptions:
     title: ClassVar[str] = "R3V loop"
-    iterations: int = option(3, "R3V iterations: bootstrap, build, train, evaluate")
+    iterations: int = option(3, "R3V iterations: bootstrap, build, train, evaluate", at_least=1, on_resume=True)
     init: Literal["base", "previous"] = option(
         "base", "weights each iteration trains from: the base model (public R3V) or the previous iteration's")
-    eval_base: bool = option(True, "evaluate the starting model (iteration 0, or -1 before a warm-up round)")
+    eval_base: bool = option(True, "evaluate the starting model (iteration 0, or -1 before a warm-up round)",
+                             on_resume=True)
     warmup_round: bool = option(False, "iteration 0 trains on the warm-up data only, and iteration 1 samples "
                                        "from that model (the public pipeline)")
-    chunk_size: int = option(64, "questions per sample-pool shard (the unit of resume and of sharding)")
+    chunk_size: int = option(64, "questions per sample-pool shard (the unit of resume and of sharding)", at_least=1)
 
 
 @dataclass(frozen=True)
@@ -130,19 +177,22 @@ class SamplingOptions:
     sampler: Literal["shared", "shared-grouped", "hf"] = option(
         "shared", "shared: continuous batching over one paged prefix KV per question; shared-grouped: the "
                   "same per group of questions, no refill; hf: plain generate with K copies")
-    k: int = option(3, "solutions sampled per training question in each bootstrap")
-    temperature: float = option(0.9, "sampling temperature (0 = greedy)")
-    top_p: float = option(0.95, "nucleus sampling: keep the smallest token set of this probability")
-    top_k: int = option(50, "keep only the k most likely tokens (0 = no limit)")
-    max_new_tokens: int = option(384, "longest sampled solution, in tokens")
-    sample_batch_size: int = option(16, "questions sampled together (shared: questions in flight)")
+    k: int = option(3, "solutions sampled per training question in each bootstrap", at_least=1)
+    temperature: float = option(0.9, "sampling temperature (0 = greedy)", at_least=0)
+    top_p: float = option(0.95, "nucleus sampling: keep the smallest token set of this probability", above=0, at_most=1)
+    top_k: int = option(50, "keep only the k most likely tokens (0 = no limit)", at_least=0)
+    max_new_tokens: int = option(384, "longest sampled solution, in tokens", at_least=1)
+    sample_batch_size: int = option(16, "questions sampled together (shared: questions in flight)",
+                                    at_least=1, on_resume=True)
     sample_slots: int | None = option(None, "shared: decode slots (branches stepped together); "
-                                            "none = sample-batch-size x branches per question")
-    kv_block_size: int = option(16, "shared: tokens per KV-cache block")
+                                            "none = sample-batch-size x branches per question",
+                                        at_least=1, on_resume=True)
+    kv_block_size: int = option(16, "shared: tokens per KV-cache block", at_least=1, on_resume=True)
     kv_budget_tokens: int | None = option(None, "shared: KV pool size in tokens; none = every slot's full "
-                                                "budget plus room for prompts")
-    max_prefill_tokens: int = option(8192, "shared: prompt tokens per prefill forward")
-    sync_every: int = option(8, "shared: decode steps between host syncs (finish checks, admissions)")
+                                                "budget plus room for prompts", at_least=1, on_resume=True)
+    max_prefill_tokens: int = option(8192, "shared: prompt tokens per prefill forward", at_least=1, on_resume=True)
+    sync_every: int = option(8, "shared: decode steps between host syncs (finish checks, admissions)",
+                             at_least=1, on_resume=True)
 
 
 @dataclass(frozen=True)
@@ -150,8 +200,8 @@ class TaskOptions:
     title: ClassVar[str] = "task sets"
     method: Literal["r3v", "star"] = option(
         "r3v", "r3v: SFT + self-refine + self-select; star: SFT on correct samples only")
-    n_candidates: int = option(3, "candidates shown in a self-select example")
-    selects_per_question: int = option(2, "self-select examples per question at most")
+    n_candidates: int = option(3, "candidates shown in a self-select example", at_least=2)
+    selects_per_question: int = option(2, "self-select examples per question at most", at_least=0)
     include_warmup: bool = option(True, "keep the warm-up set in every training mix")
 
     @property
@@ -166,46 +216,50 @@ class TaskOptions:
 @dataclass(frozen=True)
 class TrainOptions:
     title: ClassVar[str] = "training"
-    epochs: int = option(3, "passes over each iteration's training mix")
-    lr: float = option(3e-5, "peak learning rate")
+    epochs: int = option(3, "passes over each iteration's training mix", at_least=1)
+    lr: float = option(3e-5, "peak learning rate", above=0, on_resume=True)
     lr_scheduler: Literal[LR_SCHEDULERS] = option(
-        "constant_with_warmup", "learning-rate schedule (transformers.get_scheduler name)")
-    warmup_steps: int = option(10, "optimizer steps of linear learning-rate warm-up")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)")
-    batch_size: int = option(64, "examples per optimizer step (whole question groups)")
-    max_tokens: int = option(4096, "tokens per micro-batch (gradient accumulation over micro-batches)")
-    max_length: int = option(2048, "longest example in tokens; longer ones are dropped and counted")
+        "constant_with_warmup", "learning-rate schedule (transformers.get_scheduler name)", on_resume=True)
+    warmup_steps: int = option(10, "optimizer steps of linear learning-rate warm-up", at_least=0, on_resume=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", at_least=0, on_resume=True)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)", at_least=0, on_resume=True)
+    batch_size: int = option(64, "examples per optimizer step (whole question groups)", at_least=1)
+    max_tokens: int = option(4096, "tokens per micro-batch (gradient accumulation over micro-batches)",
+                             at_least=1, on_resume=True)
+    max_length: int = option(2048, "longest example in tokens; longer ones are dropped and counted", at_least=1)
     packing: Literal["tree", "none"] = option(
-        "tree", "tree: one token trie per question shares its image + question prefix; none: padded rows")
+        "tree", "tree: one token trie per question shares its image + question prefix; none: padded rows",
+        on_resume=True)
     loss: Literal["fused", "naive"] = option(
         "fused", "fused: LM head, log-softmax and target gather in one op, logits never stored; "
-                 "naive: full logits (the baseline)")
+                 "naive: full logits (the baseline)", on_resume=True)
     data_path: Literal["stream", "eager"] = option(
         "stream", "stream: plan steps from token counts, load each step's images in DataLoader workers; "
-                  "eager: process every example's image up front and keep it (the baseline)")
+                  "eager: process every example's image up front and keep it (the baseline)", on_resume=True)
     num_workers: int | None = option(
         None, "DataLoader worker processes loading upcoming steps (--data-path stream); 0 = in the training "
-              "process; none = min(4, CPU cores per rank - 1)")
+              "process; none = min(4, CPU cores per rank - 1)", at_least=0, on_resume=True)
     loss_mix: Literal["official", "per-task"] = option(
         "official", "official: token mean over all targets; per-task: weighted sum of per-task token means")
-    weight_sft: float = option(1.0, "per-task loss weight of SFT examples")
-    weight_refine: float = option(1.0, "per-task loss weight of self-refine examples")
-    weight_select: float = option(1.0, "per-task loss weight of self-select examples")
-    weight_warmup: float = option(1.0, "per-task loss weight of warm-up examples")
-    lora_r: int = option(64, "LoRA rank of the language model's linear layers (0 = full fine-tuning)")
-    lora_alpha: int = option(16, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    save_every: int = option(50, "optimizer steps between saved training states (0 = only on interrupt)")
+    weight_sft: float = option(1.0, "per-task loss weight of SFT examples", at_least=0)
+    weight_refine: float = option(1.0, "per-task loss weight of self-refine examples", at_least=0)
+    weight_select: float = option(1.0, "per-task loss weight of self-select examples", at_least=0)
+    weight_warmup: float = option(1.0, "per-task loss weight of warm-up examples", at_least=0)
+    lora_r: int = option(64, "LoRA rank of the language model's linear layers (0 = full fine-tuning)", at_least=0)
+    lora_alpha: int = option(16, "LoRA alpha", at_least=1)
+    lora_dropout: float = option(0.05, "LoRA dropout", at_least=0, below=1)
+    save_every: int = option(50, "optimizer steps between saved training states (0 = only on interrupt)",
+                             at_least=0, on_resume=True)
 
 
 @dataclass(frozen=True)
 class EvalOptions:
     title: ClassVar[str] = "evaluation"
-    eval_ks: str = option("1,3", "comma-separated K values for maj@K, oracle@K and select@K")
-    eval_max_new_tokens: int | None = option(None, "longest evaluated solution in tokens; none = --max-new-tokens")
+    eval_ks: str = option("1,3", "comma-separated K values for maj@K, oracle@K and select@K", on_resume=True)
+    eval_max_new_tokens: int | None = option(None, "longest evaluated solution in tokens; none = --max-new-tokens",
+                                             at_least=1, on_resume=True)
     select_max_new_tokens: int | None = option(None, "longest reply to the select prompt at test time; "
-                                                     "none = the evaluation length")
+                                                     "none = the evaluation length", at_least=1, on_resume=True)
 
     def k_list(self) -> list[int]:
         try:
@@ -277,25 +331,36 @@ class RunConfig:
     def from_json(cls, text: str) -> RunConfig:
         return cls.from_flat(flatten_json(json.loads(text)))
 
+    def resumed_with(self, given: dict[str, Any]) -> tuple[RunConfig, dict[str, tuple[Any, Any]]]:
+        """This (saved) configuration with the settings ``given`` on the ``--resume`` command line
+        applied: a field declared ``on_resume`` takes the new value; any other field must keep
+        its recorded value (giving it again unchanged is fine), else UsageError naming the flag
+        and the recorded value. Returns the configuration and the changes {name: (old, new)}.
+        ``run_dir`` and ``resume`` only locate the run and are not compared."""
+        saved = self.flat()
+        changes: dict[str, tuple[Any, Any]] = {}
+        for name, value in given.items():
+            if name in ("run_dir", "resume") or value == saved[name]:
+                continue
+            if not FIELD_META[name].get("on_resume"):
+                raise UsageError(
+                    f"{flag(name)} {_show(value)}: this run was started with {flag(name)} {_show(saved[name])}, "
+                    "and changing it on --resume would mix incompatible work; start a new run with "
+                    "another --run-dir (settings that can change on --resume: "
+                    f"{', '.join(flag(n) for n in RESUMABLE)})")
+            changes[name] = (saved[name], value)
+        resumed = self.replace(**{name: new for name, (_, new) in changes.items()}) if changes else self
+        return resumed, changes
+
     def validate(self) -> RunConfig:
-        """Check choices and ranges; raise UsageError naming the flag. Returns self."""
-        for attr, group in zip(_GROUP_ATTRS, GROUPS):
-            for name, kind in option_types(group).items():
-                coerce(name, getattr(getattr(self, attr), name), kind)
-        positive = {"iterations": self.loop.iterations, "k": self.sampling.k, "epochs": self.train.epochs,
-                    "batch_size": self.train.batch_size, "max_tokens": self.train.max_tokens,
-                    "max_length": self.train.max_length, "chunk_size": self.loop.chunk_size,
-                    "sample_batch_size": self.sampling.sample_batch_size,
-                    "max_new_tokens": self.sampling.max_new_tokens}
-        for name, value in positive.items():
-            if value < 1:
-                raise UsageError(f"{flag(name)} must be at least 1, got {value}")
-        if self.tasks.n_candidates < 2:
-            raise UsageError(f"--n-candidates must be at least 2, got {self.tasks.n_candidates}")
-        if self.train.num_workers is not None and self.train.num_workers < 0:
-            raise UsageError(f"--num-workers must be at least 0, got {self.train.num_workers}")
-        if self.train.lr <= 0:
-            raise UsageError(f"--lr must be positive, got {self.train.lr}")
+        """Check every field's type, choices and range (the field's declared bounds, finite
+        floats) and the cross-field rules; raise UsageError naming the flag. Returns self."""
+        for attr in _GROUP_ATTRS:
+            check_ranges(getattr(self, attr))
+        # A micro-batch must hold the longest example training keeps, or packing fails mid-run.
+        if self.train.max_tokens < self.train.max_length:
+            raise UsageError(f"--max-tokens ({self.train.max_tokens}) must be at least --max-length "
+                             f"({self.train.max_length}): a micro-batch must hold the longest example kept")
         self.eval.k_list()
         return self
 
@@ -307,6 +372,18 @@ for _group in GROUPS:
             raise TypeError(f"option {_f.name!r} is defined in both {FIELD_GROUP[_f.name].__name__} "
                             f"and {_group.__name__}: flags must be unique")
         FIELD_GROUP[_f.name] = _group
+
+
+FIELD_META: dict[str, dict[str, Any]] = {f.name: dict(f.metadata) for g in GROUPS for f in fields(g)}
+# The settings --resume may change (declared with on_resume=True at their fields).
+RESUMABLE: tuple[str, ...] = tuple(name for name, meta in FIELD_META.items() if meta.get("on_resume"))
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written on the command line."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value)) if value else "(none)"
+    return "none" if value is None else str(value)
 
 
 def flatten_json(loaded: Any) -> dict[str, Any]:
@@ -412,10 +489,13 @@ def _choices(kind) -> tuple | None:
 
 
 def add_options(parser: argparse.ArgumentParser, groups: Sequence[type], *,
-                defaults: dict[str, Any] | None = None, only: Iterable[str] | None = None) -> list[str]:
+                defaults: dict[str, Any] | None = None, only: Iterable[str] | None = None,
+                suppress_defaults: bool = False) -> list[str]:
     """Add one flag per field of ``groups`` (or of the names in ``only``), one argument group per
     option group; ``defaults`` (field name -> value) replace the field defaults, so that
-    ``--help`` shows what a bare run would use. Returns the field names added."""
+    ``--help`` shows what a bare run would use. With ``suppress_defaults`` a flag that is not
+    given leaves no attribute, so the namespace holds exactly what the user typed. Returns the
+    field names added."""
     defaults = defaults or {}
     wanted = None if only is None else set(only)
     added: list[str] = []
@@ -427,7 +507,7 @@ def add_options(parser: argparse.ArgumentParser, groups: Sequence[type], *,
             help_text = f.metadata.get("help")
             if not help_text:
                 raise TypeError(f"option {group.__name__}.{f.name} has no help text")
-            default = defaults.get(f.name, f.default)
+            default = argparse.SUPPRESS if suppress_defaults else defaults.get(f.name, f.default)
             choices = _choices(kind)
             base, optional = _unwrap_optional(kind)
 
@@ -513,11 +593,28 @@ def add_preset_flags(parser: argparse.ArgumentParser, preset: str) -> None:
 def parse_run_config(argv: Sequence[str] | None, *, prog: str = "python -m r3v_fast.train",
                      description: str = "") -> tuple[RunConfig, argparse.Namespace]:
     """The run configuration from the command line (preset < --config < flags), and the
-    namespace (for ``print_config``). UsageError for a bad config file."""
+    namespace (for ``print_config``). ``namespace.given`` holds the settings the user gave
+    explicitly, by flag or in the --config file ({field: value}; what ``--resume`` compares
+    with the saved run), and ``namespace.preset_given`` whether --preset was typed.
+    UsageError for a bad config file."""
     preset, values = preset_and_file_values(argv)
     parser = new_parser(prog, description)
+    parser.epilog = textwrap.fill(
+        "With --resume the run's saved configuration is used, and only these settings may change (each "
+        "change is recorded in the run directory): " + " ".join(flag(name) for name in RESUMABLE)
+        + ". Any other setting must keep its recorded value.", width=100, break_on_hyphens=False)
     add_preset_flags(parser, preset)
     add_options(parser, GROUPS, defaults=values)
     args = parser.parse_args(argv)
     cfg = RunConfig.from_flat({name: getattr(args, name) for name in FIELD_GROUP})
+
+    typed = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    typed.add_argument("--preset")
+    typed.add_argument("--config")
+    typed.add_argument("--print-config", action="store_true")
+    add_options(typed, GROUPS, suppress_defaults=True)
+    explicit = vars(typed.parse_args(argv))
+    args.preset_given = "preset" in explicit
+    file_values = load_config_file(explicit["config"]) if "config" in explicit else {}
+    args.given = {**file_values, **{name: value for name, value in explicit.items() if name in FIELD_GROUP}}
     return cfg, args

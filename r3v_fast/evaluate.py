@@ -9,6 +9,9 @@ them, and select@K asks the model to choose among those K with the self-select p
 configuration's own (same names, help and preset values as ``python -m r3v_fast.train``), for
 the settings evaluation uses. Prints a JSON object of metrics and, with ``--out``, writes the
 per-question rows as JSONL.
+
+Exit codes: 0 done, 2 bad configuration or input (before the model is loaded), 4 the rows
+could not be written to ``--out`` (the metrics are printed first).
 """
 
 from __future__ import annotations
@@ -110,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                            select=options.select,
                            select_max_new_tokens=cfg.eval.select_max_new_tokens or params.max_new_tokens)
     metrics = summarize(rows, ks, select=options.select)
-    if options.out:
-        atomic_write_text(Path(options.out), "".join(json.dumps(r) + "\n" for r in rows))
     print(json.dumps(metrics, indent=1))
+    if options.out:
+        try:
+            atomic_write_text(Path(options.out), "".join(json.dumps(r) + "\n" for r in rows))
+        except OSError as err:
+            print(f"error: cannot write the rows to --out {options.out}: {err.strerror or err}", file=sys.stderr)
+            return 4
     return 0
 
 

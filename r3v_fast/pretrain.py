@@ -49,6 +49,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
@@ -57,7 +58,7 @@ from typing import ClassVar, Iterator, Sequence
 
 import torch
 
-from r3v_fast.config import add_options, new_parser, option
+from r3v_fast.config import UsageError, add_options, check_ranges, new_parser, option
 from r3v_fast.data import prompts
 from r3v_fast.data.records import Record
 from r3v_fast.data.shapes import COLORS, QUESTION_TYPES, SHAPES, make_item, render_scene, template_cot
@@ -78,35 +79,36 @@ EASY_TYPES = tuple(t for t, level in QUESTION_TYPES.items() if level <= 2)
 @dataclass(frozen=True)
 class PretrainConfig:
     title: ClassVar[str] = "pretraining"
-    seed: int = option(SHIPPED_SEED, "seed of the model, the tokenizer corpus and every data stream")
+    seed: int = option(SHIPPED_SEED, "seed of the model, the tokenizer corpus and every data stream", at_least=0)
     # model (r3v_fast.model.tiny.make_tiny_qwen2vl knobs)
-    hidden_size: int = option(128, "width of the language model")
-    num_layers: int = option(4, "layers of the language model")
-    num_heads: int = option(4, "attention heads of the language model")
-    num_kv_heads: int = option(2, "key/value heads of the language model")
-    vision_depth: int = option(2, "blocks of the vision tower")
-    vision_embed_dim: int = option(64, "width of the vision tower")
-    vision_num_heads: int = option(2, "attention heads of the vision tower")
-    vocab_size: int = option(1024, "size of the byte-level BPE vocabulary to train")
-    image_size: int = option(112, "shapes-math render size in px (the default split's)")
-    vision_side: int = option(84, "the processor resizes images to at most this side, px")
+    hidden_size: int = option(128, "width of the language model", at_least=1)
+    num_layers: int = option(4, "layers of the language model", at_least=1)
+    num_heads: int = option(4, "attention heads of the language model", at_least=1)
+    num_kv_heads: int = option(2, "key/value heads of the language model", at_least=1)
+    vision_depth: int = option(2, "blocks of the vision tower", at_least=1)
+    vision_embed_dim: int = option(64, "width of the vision tower", at_least=1)
+    vision_num_heads: int = option(2, "attention heads of the vision tower", at_least=1)
+    vocab_size: int = option(1024, "size of the byte-level BPE vocabulary to train", at_least=1)
+    image_size: int = option(112, "shapes-math render size in px (the default split's)", at_least=28)
+    vision_side: int = option(84, "the processor resizes images to at most this side, px", at_least=28)
     # data: each step's batch = fresh captions + fresh direct QA + CoT warm-up items
-    batch_caption: int = option(12, "scene captions per step (drawn fresh)")
-    batch_direct: int = option(16, "direct-answer questions per step (drawn fresh)")
-    batch_cot: int = option(4, "worked CoT solutions per step, from the warm-up set")
-    batch_arithmetic: int = option(4, "text-only sums and differences per step")
-    n_cot_easy: int = option(300, "CoT warm-up items of the counting types (level <= 2)")
-    n_cot_hard: int = option(20, "CoT warm-up items of the harder types (level >= 3)")
-    exclude_test_seed: int | None = option(0, "skip items of the default test split of this seed; none = no check")
+    batch_caption: int = option(12, "scene captions per step (drawn fresh)", at_least=0)
+    batch_direct: int = option(16, "direct-answer questions per step (drawn fresh)", at_least=0)
+    batch_cot: int = option(4, "worked CoT solutions per step, from the warm-up set", at_least=0)
+    batch_arithmetic: int = option(4, "text-only sums and differences per step", at_least=0)
+    n_cot_easy: int = option(300, "CoT warm-up items of the counting types (level <= 2)", at_least=0)
+    n_cot_hard: int = option(20, "CoT warm-up items of the harder types (level >= 3)", at_least=0)
+    exclude_test_seed: int | None = option(0, "skip items of the default test split of this seed; none = no check",
+                                           at_least=0)
     # optimisation
-    steps: int = option(2500, "optimizer steps")
-    lr: float = option(3e-3, "peak learning rate")
-    min_lr_ratio: float = option(0.1, "cosine decay to lr * min_lr_ratio")
-    warmup_steps: int = option(50, "steps of linear warm-up")
-    weight_decay: float = option(0.01, "AdamW weight decay of the matrices")
-    vision_lr_scale: float = option(0.1, "vision-encoder lr = lr * this (0 freezes it)")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this")
-    threads: int = option(1, "intra-op threads: fixed, so the result is reproducible")
+    steps: int = option(2500, "optimizer steps", at_least=1)
+    lr: float = option(3e-3, "peak learning rate", above=0)
+    min_lr_ratio: float = option(0.1, "cosine decay to lr * min_lr_ratio", at_least=0, at_most=1)
+    warmup_steps: int = option(50, "steps of linear warm-up", at_least=0)
+    weight_decay: float = option(0.01, "AdamW weight decay of the matrices", at_least=0)
+    vision_lr_scale: float = option(0.1, "vision-encoder lr = lr * this (0 freezes it)", at_least=0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this", above=0)
+    threads: int = option(1, "intra-op threads: fixed, so the result is reproducible", at_least=1)
 
     @property
     def batch_size(self) -> int:
@@ -475,7 +477,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="afterwards, report per-type accuracy on the default test split")
     names = add_options(parser, [PretrainConfig])
     args = parser.parse_args(argv)
-    out = pretrain(args.out, config=PretrainConfig(**{name: getattr(args, name) for name in names}))
+    config = PretrainConfig(**{name: getattr(args, name) for name in names})
+    try:
+        check_ranges(config)
+        if config.batch_size < 1:
+            raise UsageError("--batch-caption, --batch-direct, --batch-cot and --batch-arithmetic are all 0: "
+                             "a step needs at least one item")
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = pretrain(args.out, config=config)
     if args.evaluate:
         from r3v_fast.data.records import read_records
         from r3v_fast.data.shapes import default_dataset

@@ -7,12 +7,16 @@ on a real local Hugging Face VLM. Under ``accelerate launch`` it runs data-paral
 FSDP), with sampling sharded by question. ``--help`` lists every setting with the value the
 chosen preset gives it; ``--print-config`` prints the resolved configuration and exits.
 
-Exit codes: 0 done, 2 bad configuration or input (found before any work starts),
-130 interrupted (rerun with ``--resume`` to continue).
+Exit codes (each failure ends as one ``error:`` line naming the file, phase and step):
+0 done; 2 bad configuration or input (found before any work starts); 3 training diverged (a
+non-finite loss: resume with a lower ``--lr``); 4 the run directory cannot be written or read
+(disk full, read-only, a damaged state file); 130 interrupted (rerun with ``--resume``).
 """
 
 from __future__ import annotations
 
+import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -20,16 +24,44 @@ from r3v_fast.config import RunConfig, UsageError, parse_run_config, resolve_bf1
 
 _DESCRIPTION = __doc__.split("\n\n")[0].replace("``", "")
 
+EXIT_USAGE, EXIT_DIVERGED, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 4, 130
 
-def resolved_config(argv: list[str] | None) -> tuple[RunConfig, bool]:
-    """The configuration a run with these arguments would use (with --resume: the saved one),
-    and whether --print-config was asked for."""
+
+def resolved_config(argv: list[str] | None) -> tuple[RunConfig, argparse.Namespace]:
+    """The configuration a run with these arguments would use (with --resume: the saved one with
+    the changes the command line may make), and the parsed arguments. Nothing is written."""
     cfg, args = parse_run_config(argv, description=_DESCRIPTION)
     if cfg.run.resume:
         from r3v_fast.engine.rundir import RunDir
 
-        cfg, _ = RunDir.resume(cfg)
-    return cfg.validate(), args.print_config
+        if args.preset_given:
+            raise UsageError("--preset cannot be combined with --resume: the run keeps the settings saved in "
+                             "its config.json; give the ones that may change as flags")
+        cfg, _ = RunDir.resume(cfg, args.given)
+    return cfg.validate(), args
+
+
+def write_failure(err: BaseException) -> bool:
+    """Whether ``err`` means a file could not be written or read for lack of room or permission:
+    an OSError, or what torch's and safetensors' writers raise for one (a RuntimeError such
+    as "enforce fail at inline_container.cc: ... file write failed")."""
+    if isinstance(err, OSError):
+        return True
+    text = str(err)
+    return type(err).__name__ in ("RuntimeError", "SafetensorError") and any(
+        key in text for key in ("file write failed", "inline_container", "No space left", "Read-only file system",
+                                "Permission denied", "IoError", "File too large"))
+
+
+def io_message(err: BaseException) -> str:
+    """One line for a failed read or write: the file, and the reason in words."""
+    if isinstance(err, OSError) and err.errno is not None:
+        reason = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+                  errno.EACCES: "permission denied", errno.EFBIG: "file too large for this system's limit",
+                  errno.EDQUOT: "disk quota exceeded"}.get(err.errno, err.strerror or str(err))
+        return f"{err.filename}: {reason}" if err.filename else reason
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"a file could not be written (disk full or not writable?): {first}"
 
 
 def _warn_preset(cfg: RunConfig, argv: list[str] | None) -> None:
@@ -61,11 +93,11 @@ def tracker_config(cfg: RunConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, print_config = resolved_config(argv)
+        cfg, args = resolved_config(argv)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if print_config:
+        return EXIT_USAGE
+    if args.print_config:
         print(cfg.to_json())
         return 0
 
@@ -73,19 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from r3v_fast.engine.loop import Run, load_run_data
+    from r3v_fast.data.records import DataError
+    from r3v_fast.engine.loop import Run, check_prompt_lengths, load_run_data
     from r3v_fast.engine.report import results_table
     from r3v_fast.engine.rundir import RunDir
+    from r3v_fast.engine.trainer import TrainingDiverged, TrainStateError
     from r3v_fast.model.loading import ModelLoadError, check_model_dir
     from r3v_fast.model.tiny import default_model_dir
 
     try:
         _warn_preset(cfg, argv)
+        if not cfg.run.resume:
+            RunDir.check_new(RunDir.new_path(cfg))
         model_dir = Path(cfg.model.model) if cfg.model.model else default_model_dir()
         check_model_dir(model_dir, trust_remote_code=cfg.model.trust_remote_code)
         data = load_run_data(cfg.data)
         if cfg.loop.warmup_round and not data.warmup:
             raise UsageError("--warmup-round needs warm-up data (--warmup-data)")
+        check_prompt_lengths(cfg, data, model_dir)
         trackers = check_trackers(cfg.run.report_to)
         # cpu=True on a machine without CUDA: otherwise accelerate ignores a multi-process launch
         # (each rank would believe it is alone) instead of using gloo. The trackers' directory is
@@ -93,18 +130,22 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = Accelerator(mixed_precision="bf16" if resolve_bf16(cfg.model.bf16) else "no",
                                   cpu=not torch.cuda.is_available(), log_with=trackers,
                                   project_config=ProjectConfiguration(project_dir=".", logging_dir="."))
-        # The main process creates (or finds) the run directory; the others follow its choice.
+        # The main process creates (or finds) the run directory and records a resume's changes;
+        # the others follow its choice and read the configuration it saved.
         if accelerator.is_main_process:
-            cfg, run_dir = RunDir.resume(cfg) if cfg.run.resume else RunDir.create(cfg)
+            cfg, run_dir = RunDir.resume(cfg, args.given, record=True) if cfg.run.resume else RunDir.create(cfg)
         chosen = [str(run_dir.path) if accelerator.is_main_process else None]
         if accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             broadcast_object_list(chosen)
         cfg, run_dir = RunDir.resume(cfg.replace(run_dir=chosen[0]))
-    except (UsageError, ModelLoadError, ValueError) as err:
+    except (UsageError, ModelLoadError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as err:
+        print(f"error: {io_message(err)}", file=sys.stderr)
+        return EXIT_IO
     if trackers:
         accelerator.project_configuration.set_directories(str(run_dir.path))
         accelerator.project_configuration.logging_dir = str(run_dir.path / "trackers")
@@ -114,12 +155,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run directory: {run_dir.path}\nmodel: {model_dir}\n"
               f"questions: {len(data.train)} train, {len(data.test)} test, {len(data.warmup)} warm-up")
     run = Run(cfg, run_dir, model_dir, data, accelerator)
+    resume = f"python -m r3v_fast.train --resume --run-dir {run_dir.path}"
     try:
         metrics = run.run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: continue with  python -m r3v_fast.train --resume --run-dir {run_dir.path}",
-              file=sys.stderr)
-        return 130
+        print(f"\ninterrupted: continue with  {resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as err:
+        lower = f"{cfg.train.lr / 10:.3g}"
+        print(f"error: {run.phase}: training diverged: {err}\nFinished phases are kept; continue from the last "
+              f"saved training state (or the start of this training phase if none was saved) with a lower "
+              f"learning rate than --lr {cfg.train.lr:g}, e.g.\n  {resume} --lr {lower}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except TrainStateError as err:
+        print(f"error: {run.phase}: {err}", file=sys.stderr)
+        return EXIT_IO
+    except (UsageError, ModelLoadError, DataError) as err:
+        print(f"error: {run.phase}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        if not write_failure(err):
+            raise
+        if accelerator.is_main_process:
+            run_dir.remove_temporaries()
+        print(f"error: {run.phase}: {io_message(err)}\nNothing finished is lost: free space (or make "
+              f"{run_dir.path} writable) and continue with  {resume}", file=sys.stderr)
+        return EXIT_IO
     finally:
         if trackers:
             accelerator.end_training()

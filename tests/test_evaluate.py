@@ -28,6 +28,12 @@ def test_evaluate_writes_metrics_and_rows(tiny_qwen2vl_dir, tmp_path, capsys):
 def test_evaluate_bad_input_exits_2(tmp_path, capsys):
     assert evaluate.main(["--model", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+    for argv, named in ((["--eval-ks", "0,abc"], "--eval-ks must list positive integers"),
+                        (["--top-p", "0"], "--top-p must be above 0"),
+                        (["--temperature", "-1"], "--temperature must be at least 0"),
+                        (["--config", str(tmp_path / "missing.json")], "cannot read config file")):
+        assert evaluate.main([*argv, "--model", str(tmp_path / "missing")]) == 2
+        assert named in capsys.readouterr().err
 
 
 def test_evaluate_shares_the_run_flags(capsys):

@@ -177,3 +177,14 @@ def test_text_only_arithmetic_rows_mix_with_image_rows():
     kept = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert processor.tokenizer.decode(kept) == "7 - 2 = 5<|im_end|>"
     assert torch.isfinite(model(**batch).loss)
+
+
+@pytest.mark.parametrize("argv, named", [(["--lr", "-1"], "--lr must be above 0"),
+                                         (["--steps", "0"], "--steps must be at least 1"),
+                                         (["--min-lr-ratio", "2"], "--min-lr-ratio must be at most 1"),
+                                         (["--batch-caption", "0", "--batch-direct", "0", "--batch-cot", "0",
+                                           "--batch-arithmetic", "0"], "a step needs at least one item")])
+def test_out_of_range_settings_exit_2_naming_the_flag(argv, named, tmp_path, capsys):
+    assert pt.main(["--out", str(tmp_path / "out"), *argv]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

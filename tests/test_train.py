@@ -215,3 +215,76 @@ def test_report_to_a_missing_tracker_is_a_usage_error(tiny_qwen2vl_dir, shapes_d
     monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
     assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, tmp_path / "run", "--report-to", "wandb")) == 2
     assert "--report-to wandb: not installed" in capsys.readouterr().err
+
+
+def test_diverged_run_says_how_to_resume_and_resume_takes_the_lower_lr(tiny_qwen2vl_dir, shapes_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A non-finite loss ends as exit 3 and one message with the resume command; that command with
+    a lower --lr continues from the last saved state at the new learning rate (the saved
+    optimizer's and schedule's rate are replaced), and the change is recorded. A damaged training
+    state ends as exit 4 naming the folder and the phase."""
+    import shutil
+
+    from r3v_fast.engine import trainer as trainer_module
+
+    run_dir = tmp_path / "run"
+    real = trainer_module.Trainer._step
+    calls = []
+
+    def diverging(self, wrapper, optimizer, scheduler, step_batch, step):
+        if step == 2 and not calls:
+            calls.append(step)
+            raise trainer_module.TrainingDiverged("non-finite loss (nan) at step 2; questions in this batch: ['q']")
+        return real(self, wrapper, optimizer, scheduler, step_batch, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", diverging)
+    args = smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false", "--batch-size", "2",
+                      "--save-every", "1", "--lr-scheduler", "constant")
+    assert train.main(args) == 3
+    err = capsys.readouterr().err
+    assert "error: iteration 1 train: training diverged: non-finite loss (nan) at step 2" in err
+    assert f"python -m r3v_fast.train --resume --run-dir {run_dir} --lr 0.0001" in err      # smoke lr 1e-3 / 10
+    assert "Traceback" not in err
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    for part in (damaged / "train_state").iterdir():
+        part.write_bytes(b"\x00garbage")
+    assert train.main(["--resume", "--run-dir", str(damaged), "--progress", "false"]) == 4
+    err = capsys.readouterr().err
+    assert f"error: iteration 1 train: {damaged / 'train_state'}: the saved training state cannot be read" in err
+
+    assert train.main(["--resume", "--run-dir", str(run_dir), "--lr", "1e-4", "--progress", "false"]) == 0
+    assert "resuming training at step 2/" in capsys.readouterr().out
+    steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if m["phase"] == "train_step"]
+    assert [m["lr"] for m in steps] == [1e-3, 1e-3] + [1e-4] * (len(steps) - 2)
+    assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 1e-4
+    [entry] = [json.loads(line) for line in (run_dir / "resume_log.jsonl").read_text().splitlines()]
+    assert entry["changes"] == {"lr": [1e-3, 1e-4]}          # --progress false was the recorded value
+    assert entry["finished"] == ["bootstrap:1"]
+
+
+def test_disk_full_is_one_message_and_leaves_no_temporary_files(tiny_qwen2vl_dir, shapes_dir, tmp_path):
+    """A real failed write: the run's process may not write files over 64 kB (RLIMIT_FSIZE, the
+    signal ignored, so writes fail with EFBIG as they would with ENOSPC). The first large write
+    (the training state or the checkpoint) fails: exit 4, one message with the phase and the
+    resume command, no traceback, no *.tmp left behind."""
+    run_dir = tmp_path / "run"
+    # Batches load in the training process: DataLoader workers hand tensors over in /dev/shm
+    # files, which the size limit would cap as well (a different failure than a full run disk).
+    args = smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false", "--batch-size", "2",
+                      "--save-every", "1", "--num-workers", "0")
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+            "from r3v_fast import train\n"
+            f"sys.exit(train.main({args!r}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "error: iteration 1 train: " in proc.stderr and "Traceback" not in proc.stderr
+    assert f"--resume --run-dir {run_dir}" in proc.stderr
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+    assert json.loads((run_dir / "progress.json").read_text()).keys() == {"bootstrap:1"}     # nothing lost

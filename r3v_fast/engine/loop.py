@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from r3v_fast.engine.tasks import build_examples
 from r3v_fast.engine.trainer import Trainer, apply_lora
 from r3v_fast.model.loading import load_vlm, tokenizer_of
 
-__all__ = ["RunData", "load_run_data", "make_sampler", "warmup_examples", "Run"]
+__all__ = ["RunData", "load_run_data", "check_prompt_lengths", "make_sampler", "warmup_examples", "Run"]
 
 
 @dataclass
@@ -86,6 +86,57 @@ def load_run_data(options: DataOptions, *, log=print) -> RunData:
     if not train:
         raise UsageError("the training data yields zero usable records")
     return RunData(train=train, test=test, warmup=warmup)
+
+
+def check_prompt_lengths(cfg: RunConfig, data: RunData, model_dir: Path) -> None:
+    """UsageError before any work when a training question's prompt leaves no room under
+    ``--max-length``: every example of that question would be dropped. The error names the
+    question with the longest prompt and the length it needs (prompt + one target token + end
+    of turn).
+
+    Only the processor is loaded, not the model. Each question's shortest training prompt is its
+    CoT prompt (refine and select prompts add to it); a warm-up record's is the prompt it is
+    trained with. The length counts the image tokens the processor expands the image into,
+    computed from the image header (r3v_fast.model.image_tokens); a byte bound skips the
+    tokenizer for prompts that clearly fit. ``--max-tokens`` is at least ``--max-length``
+    (RunConfig.validate), so a micro-batch holds any example that passes here."""
+    from r3v_fast.data.records import DataError
+    from r3v_fast.engine.examples import ExampleLengths, who_of
+    from r3v_fast.engine.stream import _image_tokens
+
+    processor = load_processor(model_dir, cfg.model.trust_remote_code)
+    render = prompts.renderer(processor)
+    lengths = ExampleLengths(processor)
+    limit = cfg.train.max_length
+    examples = [Example(task="sft", group=r.id, image=r.image, prompt=render(prompts.cot_messages(r)),
+                        target="", question_id=r.id) for r in data.train]
+    examples += [replace(warmup_example(r, render), target="") for r in data.warmup]
+    image_tokens: dict[str, int] = {}
+    longest, longest_ex, longest_image = 0, None, 0
+    for index, ex in enumerate(examples):
+        n_image = 0
+        if ex.image:
+            if ex.image not in image_tokens:
+                try:
+                    image_tokens[ex.image] = _image_tokens(processor, ex, index)
+                except DataError:
+                    image_tokens[ex.image] = -1  # skipped and counted when its examples are loaded
+            n_image = image_tokens[ex.image]
+            if n_image < 0:
+                continue
+        # The bound of an empty target counts the end-of-turn token and a word-start byte, so it
+        # bounds the shortest example: prompt + one target token + end of turn.
+        if lengths.bound(ex, n_image) <= limit:
+            continue
+        shortest = lengths.exact(ex, n_image, who=who_of(ex, index)) + 1
+        if shortest > max(limit, longest):
+            longest, longest_ex, longest_image = shortest, ex, n_image
+    if longest_ex is not None:
+        raise UsageError(f"--max-length {limit} leaves no room for a solution: question {longest_ex.group}'s "
+                         f"{'warm-up' if longest_ex.task == 'warmup' else 'CoT'} prompt is {longest - 2} tokens "
+                         f"({longest_image} of them image tokens), so every example of it would be dropped; "
+                         f"raise --max-length to at least {longest} (with room for a solution: about "
+                         f"{longest - 2 + cfg.sampling.max_new_tokens})")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -180,6 +231,7 @@ class Run:
         self.acc = accelerator
         self.log = log if accelerator.is_main_process else (lambda *a, **k: None)
         self.pool = Pool(run_dir.pool_dir)
+        self.phase = "run start"       # the phase in flight, for error messages ("iteration 1 train")
         self.dtype = torch.bfloat16 if resolve_bf16(cfg.model.bf16) else torch.float32
 
     # progress + metrics ---------------------------------------------------------------
@@ -353,6 +405,7 @@ class Run:
     def eval_phase(self, iteration: int, model_path: Path, t_start: float | None = None) -> None:
         if self.done(f"eval:{iteration}"):
             return
+        self.phase = f"iteration {iteration} eval"
         model, processor = self.load(model_path)
         result = self.evaluate(iteration, model, processor)
         if t_start is not None:
@@ -372,15 +425,18 @@ class Run:
         if cfg.loop.warmup_round:
             t_start = time.time()
             if not self.done("train:0"):
+                self.phase = "iteration 0 train"
                 self.train_phase(0)
             self.eval_phase(0, self.dir.checkpoint(0), t_start)
         for t in range(1, cfg.loop.iterations + 1):
             t_start = time.time()
             if not self.done(f"bootstrap:{t}"):
+                self.phase = f"iteration {t} bootstrap"
                 model, processor = self.load(self.sampling_model(t))
                 self.mark(f"bootstrap:{t}", self.bootstrap(t, model, processor))
                 del model
             if not self.done(f"train:{t}"):
+                self.phase = f"iteration {t} train"
                 self.train_phase(t)
             self.eval_phase(t, self.dir.checkpoint(t), t_start)
         if self.acc.is_main_process:

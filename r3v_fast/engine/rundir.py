@@ -4,7 +4,8 @@ checkpoints.
 ::
 
     runs/<name>/
-      config.json       the resolved configuration (what --resume reads)
+      config.json       the resolved configuration (what --resume reads; updated by a resume's changes)
+      resume_log.jsonl  one line per resume that changed settings: {name: [old, new]}, phases done
       progress.json     finished phases: {"eval:0": time, "bootstrap:1": time, ...}
       metrics.jsonl     one JSON object per phase (and per training step)
       accuracy.png      held-out accuracy per iteration
@@ -60,14 +61,24 @@ class RunDir:
     def new_path(cfg: RunConfig) -> Path:
         return Path(cfg.run.run_dir) if cfg.run.run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
+    # Files and folders that only a run writes: a directory holding any of them holds a run.
+    RUN_FILES = ("config.json", "progress.json", "metrics.jsonl", "pool", "train_state", "checkpoints", "eval")
+
+    @classmethod
+    def check_new(cls, path: Path) -> None:
+        """UsageError if ``path`` already holds (part of) a run: starting afresh there would reuse
+        its pool shards and overwrite its config.json, mixing two runs' work."""
+        found = [name for name in cls.RUN_FILES if (Path(path) / name).exists()]
+        if found:
+            raise UsageError(f"{path} already holds a run ({', '.join(found)}): continue it with "
+                             f"python -m r3v_fast.train --resume --run-dir {path}, or choose another --run-dir")
+
     @classmethod
     def create(cls, cfg: RunConfig) -> tuple[RunConfig, RunDir]:
         """A new run: make the directory and write config.json (with run_dir filled in).
-        Refuses a directory that already holds a run."""
+        Refuses a directory that already holds a run (:meth:`check_new`)."""
         path = cls.new_path(cfg)
-        if (path / "progress.json").exists():
-            raise UsageError(f"{path} already holds a run: pass --resume to continue it, "
-                             "or choose another --run-dir")
+        cls.check_new(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = cfg.replace(run_dir=str(path))
         run_dir = cls(path)
@@ -88,20 +99,38 @@ class RunDir:
         return path
 
     @classmethod
-    def resume(cls, cfg: RunConfig) -> tuple[RunConfig, RunDir]:
-        """``--resume``: the configuration saved in the run directory. Only the progress-bar
-        switch is taken from the command line."""
+    def resume(cls, cfg: RunConfig, given: dict | None = None, *,
+               record: bool = False) -> tuple[RunConfig, RunDir]:
+        """``--resume``: the configuration saved in the run directory, with the settings ``given``
+        on the command line applied where they may change (RunConfig.resumed_with; UsageError
+        for one that may not). With ``record`` a change is written before any work: appended to
+        resume_log.jsonl (old and new values, the phases finished so far), then config.json
+        rewritten, so that the next --resume starts from the changed settings."""
         path = cls.find(cfg.run.run_dir)
+        run_dir = cls(path)
         try:
-            saved = RunConfig.from_json((path / "config.json").read_text(encoding="utf-8"))
+            saved = RunConfig.from_json(run_dir.config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise UsageError(f"--resume: cannot read {path / 'config.json'}: {err}") from None
-        return saved.replace(run_dir=str(path), resume=True, progress=cfg.run.progress), cls(path)
+            raise UsageError(f"--resume: cannot read {run_dir.config_path}: {err}") from None
+        resumed, changes = saved.resumed_with(given or {})
+        resumed = resumed.replace(run_dir=str(path), resume=True).validate()
+        if record and changes:
+            entry = {"time": time.time(), "finished": sorted(run_dir.finished()),
+                     "changes": {name: [old, new] for name, (old, new) in changes.items()}}
+            log = run_dir.resume_log_path
+            before = log.read_text(encoding="utf-8") if log.exists() else ""
+            atomic_write_text(log, before + json.dumps(entry) + "\n")
+            atomic_write_text(run_dir.config_path, resumed.replace(resume=False).to_json())
+        return resumed, run_dir
 
     # ---------------------------------------------------------------- paths
     @property
     def config_path(self) -> Path:
         return self.path / "config.json"
+
+    @property
+    def resume_log_path(self) -> Path:
+        return self.path / "resume_log.jsonl"
 
     @property
     def progress_path(self) -> Path:
@@ -173,6 +202,21 @@ class RunDir:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         return target
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files and folders (``*.tmp``) that writes interrupted by a
+        failure left in the run directory (a failed write can leave megabytes behind on a full
+        disk); call it only once the run has stopped writing. Returns what was removed."""
+        removed = []
+        for parent in (self.path, self.path / "checkpoints", self.path / "eval", self.train_state_dir,
+                       *sorted(self.pool_dir.glob("*"))):
+            for leftover in sorted(set(Path(parent).glob("*.tmp")) | set(Path(parent).glob(".*.tmp"))):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+        return removed
 
     def clear_train_state(self) -> None:
         shutil.rmtree(self.train_state_dir, ignore_errors=True)

@@ -62,6 +62,23 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss: training stops, naming the step and the batch's questions."""
 
 
+class TrainStateError(RuntimeError):
+    """The saved training state (``train_state/``) cannot be read back: damaged or foreign."""
+
+
+def resumed_hyperparameters(optimizer, scheduler, options: TrainOptions) -> None:
+    """After a saved state is loaded: the optimizer's and the schedule's peak learning rate and
+    weight decay are the run's current settings, not the saved ones (``--resume --lr 1e-5``
+    after a divergence). The schedule keeps its position: the current learning rate is the
+    (possibly new) schedule's factor at the saved step times the new peak."""
+    scheduler.base_lrs = [options.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = options.lr
+        group["lr"] = options.lr * factor(scheduler.last_epoch)
+        group["weight_decay"] = options.weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def apply_lora(model, options: TrainOptions):
     """Wrap the language model's linear layers with LoRA adapters (the vision tower stays frozen)."""
     if options.lora_r <= 0:
@@ -296,8 +313,13 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
         scheduler = lr_schedule(optimizer, opts.lr_scheduler, opts.warmup_steps, len(steps))
         wrapper, optimizer = acc.prepare(wrapper, optimizer)
-        start = self._load_state(wrapper, optimizer, scheduler)
+        try:
+            start = self._load_state(wrapper, optimizer, scheduler)
+        except Exception as err:       # whatever a damaged file makes its reader raise
+            raise TrainStateError(f"{self.state_dir}: the saved training state cannot be read ({err}); "
+                                  "delete that folder to restart this training phase from step 0") from err
         if start:
+            resumed_hyperparameters(optimizer, scheduler, opts)
             self.log(f"resuming training at step {start}/{len(steps)}")
         wrapper.train()
         end = len(steps) if max_steps is None else min(len(steps), start + max_steps)

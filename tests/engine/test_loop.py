@@ -119,3 +119,36 @@ def test_warmup_examples_keep_record_order(public_chartqa):
     root, qa_file, cot_file = public_chartqa
     records, _ = load_files([qa_file, cot_file], image_root=root / "images")
     assert [e.group for e in warmup_examples(records, render)] == [r.id for r in records]
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen2vl_dir", "tiny_llava_dir"])
+def test_max_length_is_checked_against_the_longest_prompt_before_any_work(model, public_chartqa, request):
+    """The length a question's shortest example needs (its CoT prompt as the processor expands
+    it with the real image, plus one target token and the end-of-turn token), measured here with
+    the processor itself on the decoded image: exactly that --max-length passes, one less is
+    refused naming the question and the length."""
+    from PIL import Image
+
+    from r3v_fast.config import RunConfig, UsageError
+
+    model_dir = request.getfixturevalue(model)
+    root, qa_file, cot_file = public_chartqa
+    train_records, _ = load_files([qa_file], image_root=root / "images")
+    warmup, _ = load_files([cot_file], image_root=root / "images")
+    processor = loop.load_processor(model_dir)
+    render_real = prompts.renderer(processor)
+    need = {}
+    for r in train_records:
+        ids = processor(text=[render_real(prompts.cot_messages(r))], images=[Image.open(r.image).convert("RGB")],
+                        return_tensors="pt")["input_ids"]
+        need[r.id] = ids.shape[1] + 2
+    for r in warmup:
+        ex = warmup_example(r, render_real)
+        ids = processor(text=[ex.prompt], images=[Image.open(r.image).convert("RGB")], return_tensors="pt")["input_ids"]
+        need[r.id] = ids.shape[1] + 2
+    longest_id = max(need, key=need.get)
+    data = loop.RunData(train=train_records, test=[], warmup=warmup)
+    loop.check_prompt_lengths(RunConfig().replace(max_length=need[longest_id]), data, model_dir)
+    with pytest.raises(UsageError, match=f"--max-length {need[longest_id] - 1} .*question {longest_id}'s .*"
+                                         f"at least {need[longest_id]}"):
+        loop.check_prompt_lengths(RunConfig().replace(max_length=need[longest_id] - 1), data, model_dir)

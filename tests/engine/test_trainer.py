@@ -124,3 +124,32 @@ def test_lora_trains_adapters_only_and_merges(model_and_examples, tmp_path):
     after = dict(merged.named_parameters())
     changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
     assert changed and all("language_model" in n for n in changed)
+
+
+def test_a_resumed_state_takes_the_new_learning_rate_and_schedule():
+    """--resume --lr / --lr-scheduler after a saved state: the loaded optimizer and schedule keep
+    their position (step 6 of 12) but run at the new peak and shape. Hand-computed: the 7th
+    step of a linear schedule with 4 warm-up steps over 12 runs at (12 - 7) / 8 of the peak."""
+    from r3v_fast.config import TrainOptions
+    from r3v_fast.engine.trainer import lr_schedule, resumed_hyperparameters
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    old = torch.optim.AdamW([param], lr=1.0, weight_decay=0.0)
+    old_schedule = lr_schedule(old, "cosine", warmup_steps=4, total_steps=12)
+    for _ in range(6):
+        old.step()
+        old_schedule.step()
+    saved = {"optimizer": old.state_dict(), "scheduler": old_schedule.state_dict()}
+
+    options = TrainOptions(lr=0.5, lr_scheduler="linear", warmup_steps=4, weight_decay=0.01)
+    new = torch.optim.AdamW([param], lr=options.lr, weight_decay=options.weight_decay)
+    schedule = lr_schedule(new, options.lr_scheduler, options.warmup_steps, 12)
+    new.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["scheduler"])
+    assert new.param_groups[0]["lr"] != 0.5 * 5 / 8            # the saved rate came back with the state
+    resumed_hyperparameters(new, schedule, options)
+    assert new.param_groups[0]["lr"] == pytest.approx(0.5 * 5 / 8)
+    assert new.param_groups[0]["weight_decay"] == 0.01
+    new.step()
+    schedule.step()
+    assert new.param_groups[0]["lr"] == pytest.approx(0.5 * 4 / 8)   # the 8th step
