@@ -47,7 +47,7 @@ from .records import (OPTION_LETTERS, DataError, LoadReport, Record, collect, lo
                       resolve_image)
 
 __all__ = ["FORMATS", "PUBLIC_PROMPT_SUFFIXES", "load_dataset", "detect_format", "split_choices",
-           "strip_prompt_suffix", "load_files"]
+           "split_unit", "strip_prompt_suffix", "load_files"]
 
 FORMATS = ("auto", "jsonl", "mmsi", "chartqa", "tabmwp", "clevr-math", "geoqa", "m3cot")
 _KNOWN_NAMES = ("geoqa", "m3cot", "chartqa", "tabmwp", "clevr-math", "clevr_math", "clevr", "shapes-math")
@@ -71,7 +71,6 @@ PUBLIC_PROMPT_SUFFIXES = (
 )
 # Any other "First generate a step-by-step solution, then ..." line is a suffix too.
 _GENERIC_SUFFIX = re.compile(r"first generate a step-by-step solution, then .+", re.IGNORECASE)
-_UNIT = re.compile(r"\s*\(Unit: ([^()]+)\)\s*$")
 
 
 def _read_items(path: Path) -> list[tuple[str, object]]:
@@ -176,7 +175,9 @@ def _record(where: str, **fields) -> Record:
 
 # -- multiple-choice helpers ------------------------------------------------------------------
 
-_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])\s*[).:：]\s*(.+?)\s*$")
+# Matched against a stripped line: a lazy "(.+?)\s*$" would backtrack quadratically on a line
+# with a long run of inner spaces.
+_OPTION_LINE = re.compile(r"\(?([A-Z])\s*[).:：]\s*(.+)")
 _CHOICES_HEADER = re.compile(r"^\s*(choices|options)\s*[:：]?\s*$", re.IGNORECASE)
 
 
@@ -189,7 +190,7 @@ def split_choices(text: str) -> tuple[str, tuple[str, ...] | None]:
     options: list[str] = []
     i = len(lines)
     while i > 0:
-        match = _OPTION_LINE.match(lines[i - 1])
+        match = _OPTION_LINE.fullmatch(lines[i - 1].strip())
         if not match:
             break
         options.insert(0, match.group(1) + match.group(2))
@@ -200,6 +201,19 @@ def split_choices(text: str) -> tuple[str, tuple[str, ...] | None]:
     if i > 0 and _CHOICES_HEADER.match(lines[i - 1]):
         i -= 1
     return "\n".join(lines[:i]).strip(), tuple(o[1:] for o in options)
+
+
+def split_unit(text: str) -> tuple[str, str | None]:
+    """Split a trailing "(Unit: x)" off a question (TabMWP): (question, unit or None). A string
+    scan from the end, not a regular-expression search, so a long line costs linear time."""
+    stripped = text.rstrip()
+    start = stripped.rfind("(Unit: ")
+    if start < 0 or not stripped.endswith(")"):
+        return text, None
+    unit = stripped[start + len("(Unit: "):-1]
+    if "(" in unit or ")" in unit or not unit.strip():
+        return text, None
+    return stripped[:start].rstrip(), unit.strip()
 
 
 def _choices(value, where: str) -> tuple[str, ...]:
@@ -245,10 +259,7 @@ def _mmsi(obj, where, *, root, dataset, stem, index):
         raise DataError(f"{where}: conversation values must be strings", "bad value")
     question, suffix = strip_prompt_suffix(user_text.replace("<image>", "").strip())
     question, choices = split_choices(question)
-    unit = None
-    match = _UNIT.search(question)
-    if match:   # TabMWP: "... (Unit: students)"; our prompts state the unit themselves
-        question, unit = question[:match.start()].rstrip(), match.group(1).strip()
+    question, unit = split_unit(question)   # TabMWP; our prompts state the unit themselves
     answer, meta = response.strip(), {}
     if suffix:
         meta["prompt_suffix"] = suffix

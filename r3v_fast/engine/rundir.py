@@ -30,15 +30,26 @@ from pathlib import Path
 
 from r3v_fast.config import RunConfig, UsageError
 
-__all__ = ["RunDir", "atomic_write_text"]
+__all__ = ["RunDir", "atomic_write_text", "current_umask"]
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
+    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one.
+
+    The file gets the mode a plain ``open`` would give it (0o666 less the umask): ``mkstemp``
+    creates its file 0600, which would hide run files from the group under umask 022."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
