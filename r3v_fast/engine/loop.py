@@ -180,6 +180,8 @@ class Run:
         self.acc = accelerator
         self.log = log if accelerator.is_main_process else (lambda *a, **k: None)
         self.pool = Pool(run_dir.pool_dir)
+        if accelerator.is_main_process:
+            run_dir.recover_metrics(log=self.log)
         self.dtype = torch.bfloat16 if resolve_bf16(cfg.model.bf16) else torch.float32
 
     # progress + metrics ---------------------------------------------------------------
