@@ -225,8 +225,8 @@ class Run:
         sampler = self.sampler(model, processor)
         params = SamplingParams.from_options(cfg.sampling, seed=cfg.run.seed * 1000 + iteration)
         chunks = chunk_ranges(len(self.data.train), cfg.loop.chunk_size)
-        todo = [c for c in range(len(chunks)) if c % self.acc.num_processes == self.acc.process_index
-                and not self.pool.has_shard(iteration, c)]
+        todo = [c for c in self.unusable_chunks(iteration)
+                if c % self.acc.num_processes == self.acc.process_index]
         if len(todo) < len(chunks) // self.acc.num_processes:
             self.log(f"iteration {iteration}: resuming bootstrap, {len(todo)} chunks left on this rank")
         for c in todo:
@@ -240,7 +240,7 @@ class Run:
                               answer=judge.extract_answer(r.dataset, text),
                               correct=is_right(r, text))
                        for r, texts in zip(records, outputs) for j, text in enumerate(texts)]
-            self.pool.write_shard(iteration, c, samples)
+            self.pool.write_shard(iteration, c, samples, question_ids=[r.id for r in records])
             generated += count_tokens(processor, [text for texts in outputs for text in texts])
         self.acc.wait_for_everyone()
         chunks_per_rank, tokens_per_rank = [len(todo)], [generated]
@@ -252,6 +252,33 @@ class Run:
                 "samples": cfg.sampling.k * len(self.data.train), "chunks_per_rank": chunks_per_rank,
                 "generated_tokens": sum(tokens_per_rank), "seconds": time.time() - t0,
                 **peak_memory(self.acc.device)}
+
+    def unusable_chunks(self, iteration: int, *, report: bool = True) -> list[int]:
+        """The chunks of this iteration whose pool shard is missing or damaged (emptied, cut
+        short, torn, written for other questions or another K); ``report`` names each damaged
+        one in the log."""
+        chunks = chunk_ranges(len(self.data.train), self.cfg.loop.chunk_size)
+        unusable = []
+        for c, indices in enumerate(chunks):
+            problem = self.pool.shard_problem(iteration, c, [self.data.train[i].id for i in indices],
+                                              self.cfg.sampling.k)
+            if problem is None:
+                continue
+            if problem != "missing" and report:
+                self.log(f"iteration {iteration}: damaged pool shard, chunk {c} is sampled again: {problem}")
+            unusable.append(c)
+        return unusable
+
+    def repair_pool(self, iteration: int) -> None:
+        """Before training on the pool of iterations 1..t: sample again every chunk whose shard
+        is damaged, with the weights its iteration sampled from (same seed, same draws)."""
+        damaged = [it for it in range(1, iteration + 1) if self.done(f"bootstrap:{it}")
+                   and self.unusable_chunks(it, report=False)]
+        self.acc.wait_for_everyone()        # every rank has looked before any shard is rewritten
+        for it in damaged:
+            model, processor = self.load(self.sampling_model(it))
+            self.bootstrap(it, model, processor)
+            del model
 
     def build(self, iteration: int, processor):
         render = prompts.renderer(processor)
@@ -383,6 +410,7 @@ class Run:
                 self.mark(f"bootstrap:{t}", self.bootstrap(t, model, processor))
                 del model
             if not self.done(f"train:{t}"):
+                self.repair_pool(t)
                 self.train_phase(t)
             self.eval_phase(t, self.dir.checkpoint(t), t_start)
         if self.acc.is_main_process:
