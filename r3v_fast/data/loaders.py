@@ -29,8 +29,8 @@
                 ``context`` is put before the question. The answer is stored as a letter.
 
 ``image_root`` overrides the image directory named above (default: the file's directory for
-``jsonl``, ``mmsi``, ``geoqa`` and ``m3cot``). Every image path must stay inside the image
-root. ``strict=True`` raises :class:`DataError` at the first bad record, naming the file and
+``jsonl``, ``mmsi``, ``geoqa`` and ``m3cot``). Every image path, absolute or relative, must stay
+inside the image root. A UTF-8 byte-order mark at the start of a file is skipped. ``strict=True`` raises :class:`DataError` at the first bad record, naming the file and
 the line (JSONL) or item index / id (JSON); ``strict=False`` skips such records and counts
 them in the returned :class:`LoadReport`.
 """
@@ -38,6 +38,7 @@ them in the returned :class:`LoadReport`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import replace
@@ -78,7 +79,7 @@ def _read_items(path: Path) -> list[tuple[str, object]]:
     if path.suffix.lower() != ".json":
         return load_rows(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))   # a leading byte-order mark is allowed
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}",
                         "malformed json") from None
@@ -161,6 +162,8 @@ def _answer_text(value, where: str) -> str:
     """Gold answers arrive as str, int or float; store them as text (7.0 -> "7")."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(f"{where}: answer must be a string or a number, got {value!r}", "bad value")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: answer must be a finite number, got {value!r}", "bad value")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()
@@ -320,12 +323,13 @@ _DEFAULT_IMAGE_DIR = {"chartqa": "png", "tabmwp": "tables", "clevr-math": "image
 
 
 def load_dataset(path: str | os.PathLike, *, fmt: str = "auto", image_root=None, strict: bool = True,
-                 check_images: bool = False, dataset: str | None = None
+                 check_images: bool = False, dataset: str | None = None, check=None
                  ) -> tuple[list[Record], LoadReport]:
     """Load one annotation file as records (see the module docstring for the formats).
 
     ``dataset`` overrides the dataset name stored in the records (it picks the judge);
-    by default it is the format's name.
+    by default it is the format's name. ``check(record, where)`` may reject a record with a
+    DataError (a caller's own rule: chat special tokens in its text, ...).
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -350,11 +354,11 @@ def load_dataset(path: str | os.PathLike, *, fmt: str = "auto", image_root=None,
         def convert(obj, where):
             return converter(obj, where, root=os.path.abspath(root), dataset=name,
                              stem=path.stem, index=positions[where])
-    return collect(items, str(path), strict=strict, check_images=check_images, convert=convert)
+    return collect(items, str(path), strict=strict, check_images=check_images, convert=convert, check=check)
 
 
 def load_files(patterns, *, fmt: str = "auto", image_root=None, strict: bool = True,
-               check_images: bool = False, dataset: str | None = None
+               check_images: bool = False, dataset: str | None = None, check=None
                ) -> tuple[list[Record], list[LoadReport]]:
     """Load several annotation files (paths or glob patterns, each expanded in sorted order),
     e.g. the public QA + CoT warm-up pair. Records keep file order; an id that an earlier file
@@ -372,7 +376,7 @@ def load_files(patterns, *, fmt: str = "auto", image_root=None, strict: bool = T
             raise DataError(f"{pattern}: no file matches", "missing file")
         for path in paths:
             loaded, report = load_dataset(path, fmt=fmt, image_root=image_root, strict=strict,
-                                          check_images=check_images, dataset=dataset)
+                                          check_images=check_images, dataset=dataset, check=check)
             for rec in loaded:
                 if rec.id in seen:
                     rec = replace(rec, id=f"{Path(path).parent.name}/{Path(path).stem}:{rec.id}")

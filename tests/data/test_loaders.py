@@ -337,3 +337,15 @@ def test_split_unit():
     assert split_unit("How many? (Unit: (a) b)") == ("How many? (Unit: (a) b)", None)
     assert split_unit("How many?") == ("How many?", None)
     assert split_choices("Q\nA.  x  \n(B) y") == ("Q", ("x", "y"))
+
+
+def test_json_with_a_byte_order_mark_and_non_finite_gold(tmp_path, png):
+    png(tmp_path / "images" / "a.png")
+    items = [{"filename": "a.png", "question": "How many?", "answer": 3},
+             {"filename": "a.png", "question": "How many?", "answer": float("nan")},
+             {"filename": "a.png", "question": "How many?", "answer": 2.5}]
+    path = tmp_path / "clevr_test.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(items).encode())
+    records, report = load_dataset(path, strict=False)
+    assert [r.answer for r in records] == ["3"]
+    assert report.skipped == {"bad value": 1, "non-integer answer": 1}
