@@ -37,7 +37,8 @@ from r3v_fast.engine.tasks import build_examples
 from r3v_fast.engine.trainer import Trainer, apply_lora
 from r3v_fast.model.loading import load_vlm, tokenizer_of
 
-__all__ = ["RunData", "load_run_data", "make_sampler", "warmup_examples", "Run"]
+__all__ = ["RunData", "load_run_data", "chat_special_tokens", "record_check", "make_sampler", "warmup_examples",
+           "Run"]
 
 
 @dataclass
@@ -47,17 +48,60 @@ class RunData:
     warmup: list[Record] = field(default_factory=list)
 
 
-def load_run_data(options: DataOptions, *, log=print) -> RunData:
+def chat_special_tokens(processor) -> list[str]:
+    """The strings a processor treats as chat or vision markup rather than text: the tokenizer's
+    special tokens, its added tokens marked special (Qwen2-VL's ``<|image_pad|>``,
+    ``<|vision_start|>``, ...) and the processor's image / video placeholders (LLaVA's
+    ``<image>``). One of them inside a question would be expanded or parsed as markup."""
+    tokenizer = tokenizer_of(processor)
+    tokens = set(getattr(tokenizer, "all_special_tokens", []))
+    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+               if getattr(t, "special", False)}
+    tokens |= {getattr(processor, name, None) for name in ("image_token", "video_token")}
+    return sorted(t for t in tokens if isinstance(t, str) and t.strip())
+
+
+def record_check(special_tokens, *, warmup: bool):
+    """The run's own rule for a loaded record (a DataError skips it, counted and named):
+
+    - no chat special token in any text that enters a prompt or a target (question, choices,
+      unit, answer, worked solution). Such a record is rejected, not escaped: an escaped token
+      would change the question the model sees, and the processor would still expand a vision
+      placeholder found in it, so sampling would fail on every resume;
+    - a shapes-math warm-up record carries ``meta`` (its scene and worked solution): without
+      it the record is not a shapes-math warm-up item at all."""
+    def check(record: Record, where: str) -> None:
+        from r3v_fast.data.records import DataError
+
+        rationale = (record.meta or {}).get("rationale")
+        fields = [("question", record.question), ("answer", record.answer), ("unit", record.unit),
+                  *(("choice", c) for c in record.choices or ()),
+                  ("worked solution", rationale if isinstance(rationale, str) else None)]
+        for name, text in fields:
+            for token in special_tokens:
+                if text and token in text:
+                    raise DataError(f"{where}: the {name} contains the chat special token {token!r}",
+                                    "chat special token")
+        if warmup and record.dataset == "shapes-math" and not record.meta:
+            raise DataError(f"{where}: shapes-math warm-up record without meta (no scene, no worked "
+                            "solution)", "warm-up without meta")
+    return check
+
+
+def load_run_data(options: DataOptions, *, log=print, special_tokens=()) -> RunData:
     """Training, test and warm-up questions; bad records are skipped and counted (UsageError
-    when a file cannot be read at all, or no training record is left). Without ``--data`` the
-    embedded shapes-math split is used, generated on first use."""
+    when a file cannot be read at all, or no training record is left), the first few named with
+    their file:line. ``special_tokens`` (:func:`chat_special_tokens` of the run's processor):
+    a record with one in its text is skipped. Without ``--data`` the embedded shapes-math split
+    is used, generated on first use."""
     from r3v_fast.data.loaders import load_files
     from r3v_fast.data.records import DataError
 
     def load(paths, what, image_root=options.image_root):
         try:
             records, reports = load_files(paths, fmt=options.data_format, image_root=image_root,
-                                          strict=False, check_images=True, dataset=options.dataset)
+                                          strict=False, check_images=True, dataset=options.dataset,
+                                          check=record_check(special_tokens, warmup=what == "warmup"))
         except (DataError, OSError) as err:
             raise UsageError(f"cannot load {what} data: {err}")
         for report in reports:
@@ -381,6 +425,9 @@ class Run:
 
     def eval_phase(self, iteration: int, model_path: Path, t_start: float | None = None) -> None:
         if self.done(f"eval:{iteration}"):
+            return
+        if not self.data.test:
+            self.log(f"iteration {iteration}: no test data (--test-data): not evaluated")
             return
         model, processor = self.load(model_path)
         result = self.evaluate(iteration, model, processor)
