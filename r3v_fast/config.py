@@ -197,6 +197,8 @@ class TrainOptions:
     lora_alpha: int = option(16, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
     save_every: int = option(50, "optimizer steps between saved training states (0 = only on interrupt)")
+    skip_nonfinite: int = option(0, "optimizer steps with a non-finite loss or gradient to skip (no update, each "
+                                    "logged with its questions) before training stops as diverged")
 
 
 @dataclass(frozen=True)
