@@ -112,9 +112,9 @@ def install_hash_judge() -> None:
 
     real_write = Pool.write_shard
 
-    def write_shard(self, iteration, chunk, samples):
+    def write_shard(self, iteration, chunk, samples, **kwargs):
         marked = [replace(s, correct=_hash(s.question_id, s.iteration, s.index) % 2 == 0) for s in samples]
-        return real_write(self, iteration, chunk, marked)
+        return real_write(self, iteration, chunk, marked, **kwargs)
 
     Pool.write_shard = write_shard
 

@@ -250,6 +250,9 @@ class TrainOptions:
     lora_dropout: float = option(0.05, "LoRA dropout", at_least=0, below=1)
     save_every: int = option(50, "optimizer steps between saved training states (0 = only on interrupt)",
                              at_least=0, on_resume=True)
+    skip_nonfinite: int = option(0, "optimizer steps with a non-finite loss or gradient to skip (no update, each "
+                                    "logged with its questions) before training stops as diverged",
+                                 at_least=0, on_resume=True)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import ProjectConfiguration
 
     from r3v_fast.data.records import DataError
-    from r3v_fast.engine.loop import Run, check_prompt_lengths, load_run_data
+    from r3v_fast.engine.loop import Run, chat_special_tokens, check_prompt_lengths, load_processor, load_run_data
     from r3v_fast.engine.report import results_table
     from r3v_fast.engine.rundir import RunDir
     from r3v_fast.engine.trainer import TrainingDiverged, TrainStateError
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             RunDir.check_new(RunDir.new_path(cfg))
         model_dir = Path(cfg.model.model) if cfg.model.model else default_model_dir()
         check_model_dir(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-        data = load_run_data(cfg.data)
+        data = load_run_data(cfg.data, special_tokens=chat_special_tokens(
+            load_processor(model_dir, cfg.model.trust_remote_code)))
         if cfg.loop.warmup_round and not data.warmup:
             raise UsageError("--warmup-round needs warm-up data (--warmup-data)")
         check_prompt_lengths(cfg, data, model_dir)

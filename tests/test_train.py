@@ -161,6 +161,31 @@ def test_resume_after_interrupt_during_training(tiny_qwen2vl_dir, shapes_dir, tm
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
 
 
+def test_resume_samples_a_damaged_pool_shard_again(tiny_qwen2vl_dir, shapes_dir, tmp_path, monkeypatch, capsys):
+    from r3v_fast.engine import trainer as trainer_module
+
+    run_dir = tmp_path / "run"
+    real = trainer_module.Trainer._step
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt                          # stopped once the pool is complete
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", interrupted)
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false",
+                                 "--sampler", "hf")) == 130
+    monkeypatch.setattr(trainer_module.Trainer, "_step", real)
+    pool = Pool(run_dir / "pool")
+    shard = pool.shard_path(1, 1)
+    intact = shard.read_text()
+    shard.write_text("".join(intact.splitlines(keepends=True)[:5]))   # cut at a line boundary
+    capsys.readouterr()
+    assert train.main(["--resume", "--run-dir", str(run_dir), "--progress", "false"]) == 0
+    assert "damaged pool shard, chunk 1 is sampled again" in capsys.readouterr().out
+    assert shard.read_text() == intact                   # the same draws as the first time
+    ids = [s.question_id for s in pool.samples()]
+    assert len(ids) == 36 and all(ids.count(q) == 3 for q in set(ids))
+
+
 def test_shortened_default_run_on_the_shipped_checkpoint(tmp_path):
     """The embedded default (shipped tiny VLM, shapes-math) shortened to a few dozen questions
     and one iteration: metrics come out and the checkpoint loads through the generic HF path."""

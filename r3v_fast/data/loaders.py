@@ -29,8 +29,8 @@
                 ``context`` is put before the question. The answer is stored as a letter.
 
 ``image_root`` overrides the image directory named above (default: the file's directory for
-``jsonl``, ``mmsi``, ``geoqa`` and ``m3cot``). Every image path must stay inside the image
-root. ``strict=True`` raises :class:`DataError` at the first bad record, naming the file and
+``jsonl``, ``mmsi``, ``geoqa`` and ``m3cot``). Every image path, absolute or relative, must stay
+inside the image root. A UTF-8 byte-order mark at the start of a file is skipped. ``strict=True`` raises :class:`DataError` at the first bad record, naming the file and
 the line (JSONL) or item index / id (JSON); ``strict=False`` skips such records and counts
 them in the returned :class:`LoadReport`.
 """
@@ -38,6 +38,7 @@ them in the returned :class:`LoadReport`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import replace
@@ -47,7 +48,7 @@ from .records import (OPTION_LETTERS, DataError, LoadReport, Record, collect, lo
                       resolve_image)
 
 __all__ = ["FORMATS", "PUBLIC_PROMPT_SUFFIXES", "load_dataset", "detect_format", "split_choices",
-           "strip_prompt_suffix", "load_files"]
+           "split_unit", "strip_prompt_suffix", "load_files"]
 
 FORMATS = ("auto", "jsonl", "mmsi", "chartqa", "tabmwp", "clevr-math", "geoqa", "m3cot")
 _KNOWN_NAMES = ("geoqa", "m3cot", "chartqa", "tabmwp", "clevr-math", "clevr_math", "clevr", "shapes-math")
@@ -71,7 +72,6 @@ PUBLIC_PROMPT_SUFFIXES = (
 )
 # Any other "First generate a step-by-step solution, then ..." line is a suffix too.
 _GENERIC_SUFFIX = re.compile(r"first generate a step-by-step solution, then .+", re.IGNORECASE)
-_UNIT = re.compile(r"\s*\(Unit: ([^()]+)\)\s*$")
 
 
 def _read_items(path: Path) -> list[tuple[str, object]]:
@@ -79,7 +79,7 @@ def _read_items(path: Path) -> list[tuple[str, object]]:
     if path.suffix.lower() != ".json":
         return load_rows(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))   # a leading byte-order mark is allowed
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}",
                         "malformed json") from None
@@ -162,6 +162,8 @@ def _answer_text(value, where: str) -> str:
     """Gold answers arrive as str, int or float; store them as text (7.0 -> "7")."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(f"{where}: answer must be a string or a number, got {value!r}", "bad value")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: answer must be a finite number, got {value!r}", "bad value")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()
@@ -176,7 +178,9 @@ def _record(where: str, **fields) -> Record:
 
 # -- multiple-choice helpers ------------------------------------------------------------------
 
-_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])\s*[).:：]\s*(.+?)\s*$")
+# Matched against a stripped line: a lazy "(.+?)\s*$" would backtrack quadratically on a line
+# with a long run of inner spaces.
+_OPTION_LINE = re.compile(r"\(?([A-Z])\s*[).:：]\s*(.+)")
 _CHOICES_HEADER = re.compile(r"^\s*(choices|options)\s*[:：]?\s*$", re.IGNORECASE)
 
 
@@ -189,7 +193,7 @@ def split_choices(text: str) -> tuple[str, tuple[str, ...] | None]:
     options: list[str] = []
     i = len(lines)
     while i > 0:
-        match = _OPTION_LINE.match(lines[i - 1])
+        match = _OPTION_LINE.fullmatch(lines[i - 1].strip())
         if not match:
             break
         options.insert(0, match.group(1) + match.group(2))
@@ -200,6 +204,19 @@ def split_choices(text: str) -> tuple[str, tuple[str, ...] | None]:
     if i > 0 and _CHOICES_HEADER.match(lines[i - 1]):
         i -= 1
     return "\n".join(lines[:i]).strip(), tuple(o[1:] for o in options)
+
+
+def split_unit(text: str) -> tuple[str, str | None]:
+    """Split a trailing "(Unit: x)" off a question (TabMWP): (question, unit or None). A string
+    scan from the end, not a regular-expression search, so a long line costs linear time."""
+    stripped = text.rstrip()
+    start = stripped.rfind("(Unit: ")
+    if start < 0 or not stripped.endswith(")"):
+        return text, None
+    unit = stripped[start + len("(Unit: "):-1]
+    if "(" in unit or ")" in unit or not unit.strip():
+        return text, None
+    return stripped[:start].rstrip(), unit.strip()
 
 
 def _choices(value, where: str) -> tuple[str, ...]:
@@ -245,10 +262,7 @@ def _mmsi(obj, where, *, root, dataset, stem, index):
         raise DataError(f"{where}: conversation values must be strings", "bad value")
     question, suffix = strip_prompt_suffix(user_text.replace("<image>", "").strip())
     question, choices = split_choices(question)
-    unit = None
-    match = _UNIT.search(question)
-    if match:   # TabMWP: "... (Unit: students)"; our prompts state the unit themselves
-        question, unit = question[:match.start()].rstrip(), match.group(1).strip()
+    question, unit = split_unit(question)   # TabMWP; our prompts state the unit themselves
     answer, meta = response.strip(), {}
     if suffix:
         meta["prompt_suffix"] = suffix
@@ -309,12 +323,13 @@ _DEFAULT_IMAGE_DIR = {"chartqa": "png", "tabmwp": "tables", "clevr-math": "image
 
 
 def load_dataset(path: str | os.PathLike, *, fmt: str = "auto", image_root=None, strict: bool = True,
-                 check_images: bool = False, dataset: str | None = None
+                 check_images: bool = False, dataset: str | None = None, check=None
                  ) -> tuple[list[Record], LoadReport]:
     """Load one annotation file as records (see the module docstring for the formats).
 
     ``dataset`` overrides the dataset name stored in the records (it picks the judge);
-    by default it is the format's name.
+    by default it is the format's name. ``check(record, where)`` may reject a record with a
+    DataError (a caller's own rule: chat special tokens in its text, ...).
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -339,11 +354,11 @@ def load_dataset(path: str | os.PathLike, *, fmt: str = "auto", image_root=None,
         def convert(obj, where):
             return converter(obj, where, root=os.path.abspath(root), dataset=name,
                              stem=path.stem, index=positions[where])
-    return collect(items, str(path), strict=strict, check_images=check_images, convert=convert)
+    return collect(items, str(path), strict=strict, check_images=check_images, convert=convert, check=check)
 
 
 def load_files(patterns, *, fmt: str = "auto", image_root=None, strict: bool = True,
-               check_images: bool = False, dataset: str | None = None
+               check_images: bool = False, dataset: str | None = None, check=None
                ) -> tuple[list[Record], list[LoadReport]]:
     """Load several annotation files (paths or glob patterns, each expanded in sorted order),
     e.g. the public QA + CoT warm-up pair. Records keep file order; an id that an earlier file
@@ -361,7 +376,7 @@ def load_files(patterns, *, fmt: str = "auto", image_root=None, strict: bool = T
             raise DataError(f"{pattern}: no file matches", "missing file")
         for path in paths:
             loaded, report = load_dataset(path, fmt=fmt, image_root=image_root, strict=strict,
-                                          check_images=check_images, dataset=dataset)
+                                          check_images=check_images, dataset=dataset, check=check)
             for rec in loaded:
                 if rec.id in seen:
                     rec = replace(rec, id=f"{Path(path).parent.name}/{Path(path).stem}:{rec.id}")

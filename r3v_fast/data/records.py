@@ -11,19 +11,23 @@ JSONL layout: one JSON object per line with the keys ``id``, ``image``, ``questi
 (so a dataset directory can be moved as a whole) and as an absolute path otherwise. Reading it
 back gives records equal to the ones written.
 
-Image-path safety: a relative image path is resolved against the image root (the file's
-directory unless one is given) and must stay inside it, so ``../`` escapes are rejected. An
-absolute path must lie inside the image root when one is given explicitly; without one it is
-accepted as written, because our writer only emits absolute paths for images outside the
-file's directory. Paths are compared after lexical normalisation (``os.path.normpath``), not
-after following symlinks: a symlink placed inside the root by whoever built the dataset is
-trusted.
+Image-path safety: every image path, relative or absolute, must lie inside the image root
+(the file's directory unless one is given), so ``../`` escapes and absolute paths elsewhere are
+rejected. Our writer emits an absolute path for an image outside the file's directory; such a
+file loads with an image root (``--image-root``) that holds its images. Paths are compared
+after lexical normalisation (``os.path.normpath``), not after following symlinks: a symlink
+placed inside the root by whoever built the dataset is trusted.
+
+Gold answers are checked where a judge depends on their form: with ``choices`` the answer must
+name an option (a letter within the choices, or an option's text); CLEVR-Math and shapes-math
+answers must be integers (a non-finite or fractional number can never be judged right).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +38,14 @@ from PIL import Image
 __all__ = [
     "DataError", "Record", "LoadReport", "write_records", "read_records",
     "resolve_image", "check_image", "load_image", "image_size", "load_rows", "OPTION_LETTERS",
+    "INTEGER_DATASETS",
 ]
 
 # Multiple-choice options are labelled A, B, C, ... everywhere (prompts, loaders, judges).
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Datasets whose judge compares integers: their gold answers must be integers.
+INTEGER_DATASETS = ("shapes-math", "clevr-math")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 class DataError(ValueError):
@@ -86,6 +94,15 @@ class Record:
             if len(self.choices) < 2:
                 raise DataError(f"record {self.id!r}: needs at least 2 choices, got "
                                 f"{len(self.choices)}", "bad value")
+            answer = self.answer.strip()
+            letter = answer.strip("()").upper()
+            names_letter = len(letter) == 1 and letter in OPTION_LETTERS[:len(self.choices)]
+            if not names_letter and not any(c.strip().casefold() == answer.casefold() for c in self.choices):
+                raise DataError(f"record {self.id!r}: answer {self.answer!r} names none of the "
+                                f"{len(self.choices)} choices", "answer not an option")
+        if self.dataset in INTEGER_DATASETS and not _INTEGER.fullmatch(self.answer.strip()):
+            raise DataError(f"record {self.id!r}: {self.dataset} answer must be an integer, got "
+                            f"{self.answer!r}", "non-integer answer")
         if self.unit is not None:
             _require_text(self.unit, "unit", self.id, allow_empty=True)
         if self.meta is not None and not isinstance(self.meta, dict):
@@ -125,22 +142,28 @@ class LoadReport:
     path: str
     n_loaded: int = 0
     skipped: Counter = field(default_factory=Counter)
-    first_errors: list[str] = field(default_factory=list)  # the first few messages, for logs
+    first_errors: list[str] = field(default_factory=list)  # the first few "message [reason]", for logs
 
     def skip(self, err: DataError, keep: int = 5) -> None:
         self.skipped[err.reason] += 1
         if len(self.first_errors) < keep:
-            self.first_errors.append(str(err))
+            self.first_errors.append(f"{err} [{err.reason}]")
 
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
+        """Counts by reason, then the first skipped records, each with its file:line (or item)
+        and its fault, one per line."""
         text = f"{self.path}: loaded {self.n_loaded} records"
         if self.skipped:
             reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
             text += f", skipped {self.n_skipped} ({reasons})"
+            more = self.n_skipped - len(self.first_errors)
+            text += "".join(f"\n  skipped: {message}" for message in self.first_errors)
+            if more > 0:
+                text += f"\n  ... and {more} more"
         return text
 
 
@@ -152,9 +175,9 @@ def _is_inside(path: str, root: str) -> bool:
         return False
 
 
-def resolve_image(image, root: str | os.PathLike, *, where: str,
-                  allow_outside_absolute: bool = False) -> str:
-    """Absolute, normalised path of ``image`` (relative to ``root``); DataError if it escapes."""
+def resolve_image(image, root: str | os.PathLike, *, where: str) -> str:
+    """Absolute, normalised path of ``image`` (relative to ``root``); DataError if it lies
+    outside ``root``, absolute or not."""
     if not isinstance(image, str) or not image.strip():
         raise DataError(f"{where}: image path must be a non-empty string, got {image!r}",
                         "missing field" if image is None else "bad value")
@@ -162,10 +185,9 @@ def resolve_image(image, root: str | os.PathLike, *, where: str,
         raise DataError(f"{where}: image path contains a NUL byte", "bad image path")
     root = os.path.abspath(root)
     path = os.path.normpath(os.path.join(root, image))  # join ignores root if image is absolute
-    if os.path.isabs(image) and allow_outside_absolute:
-        return path
     if not _is_inside(path, root):
-        raise DataError(f"{where}: image path {image!r} lies outside the image root {root}",
+        hint = " (give --image-root a directory that holds it)" if os.path.isabs(image) else ""
+        raise DataError(f"{where}: image path {image!r} lies outside the image root {root}{hint}",
                         "bad image path")
     return path
 
@@ -214,7 +236,8 @@ def load_rows(path: str | os.PathLike) -> list[tuple[str, object]]:
     """Rows of a JSONL file as (location, parsed object or DataError) pairs, blank lines skipped."""
     rows: list[tuple[str, object]] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark before the first record is not part of it
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -254,7 +277,7 @@ def record_from_json(obj, *, where: str, root: str, explicit_root: bool) -> Reco
     missing = [k for k in _FIELDS if k not in obj]
     if missing:
         raise DataError(f"{where}: missing field(s) {', '.join(missing)}", "missing field")
-    image = resolve_image(obj["image"], root, where=where, allow_outside_absolute=not explicit_root)
+    image = resolve_image(obj["image"], root, where=where)
     try:
         return Record(id=obj["id"], image=image, question=obj["question"], answer=obj["answer"],
                       dataset=obj["dataset"], choices=obj.get("choices"), unit=obj.get("unit"),
@@ -273,11 +296,11 @@ def read_records(path: str | os.PathLike, *, strict: bool = True, check_images: 
                        obj, where=where, root=root, explicit_root=image_root is not None))
 
 
-def collect(rows, path: str, *, strict: bool, check_images: bool, convert):
+def collect(rows, path: str, *, strict: bool, check_images: bool, convert, check=None):
     """Turn (location, object) rows into records with ``convert``; the shared strict/skip loop.
 
-    Also rejects duplicate ids (the sample pool is keyed by id) and, with ``check_images``,
-    missing or undecodable image files.
+    Also rejects duplicate ids (the sample pool is keyed by id), with ``check_images`` missing or
+    undecodable image files, and whatever ``check(record, where)`` raises a DataError for.
     """
     report, records, seen = LoadReport(path), [], {}
     for where, obj in rows:
@@ -288,6 +311,8 @@ def collect(rows, path: str, *, strict: bool, check_images: bool, convert):
             if rec.id in seen:
                 raise DataError(f"{where}: duplicate id {rec.id!r} (first at {seen[rec.id]})",
                                 "duplicate id")
+            if check is not None:
+                check(rec, f"{where} (record {rec.id!r})")
             if check_images:
                 check_image(rec.image, where=f"{where} (record {rec.id!r})")
         except DataError as err:

@@ -37,7 +37,8 @@ from r3v_fast.engine.tasks import build_examples
 from r3v_fast.engine.trainer import Trainer, apply_lora
 from r3v_fast.model.loading import load_vlm, tokenizer_of
 
-__all__ = ["RunData", "load_run_data", "check_prompt_lengths", "make_sampler", "warmup_examples", "Run"]
+__all__ = ["RunData", "load_run_data", "chat_special_tokens", "record_check", "check_prompt_lengths",
+           "make_sampler", "warmup_examples", "Run"]
 
 
 @dataclass
@@ -47,17 +48,60 @@ class RunData:
     warmup: list[Record] = field(default_factory=list)
 
 
-def load_run_data(options: DataOptions, *, log=print) -> RunData:
+def chat_special_tokens(processor) -> list[str]:
+    """The strings a processor treats as chat or vision markup rather than text: the tokenizer's
+    special tokens, its added tokens marked special (Qwen2-VL's ``<|image_pad|>``,
+    ``<|vision_start|>``, ...) and the processor's image / video placeholders (LLaVA's
+    ``<image>``). One of them inside a question would be expanded or parsed as markup."""
+    tokenizer = tokenizer_of(processor)
+    tokens = set(getattr(tokenizer, "all_special_tokens", []))
+    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+               if getattr(t, "special", False)}
+    tokens |= {getattr(processor, name, None) for name in ("image_token", "video_token")}
+    return sorted(t for t in tokens if isinstance(t, str) and t.strip())
+
+
+def record_check(special_tokens, *, warmup: bool):
+    """The run's own rule for a loaded record (a DataError skips it, counted and named):
+
+    - no chat special token in any text that enters a prompt or a target (question, choices,
+      unit, answer, worked solution). Such a record is rejected, not escaped: an escaped token
+      would change the question the model sees, and the processor would still expand a vision
+      placeholder found in it, so sampling would fail on every resume;
+    - a shapes-math warm-up record carries ``meta`` (its scene and worked solution): without
+      it the record is not a shapes-math warm-up item at all."""
+    def check(record: Record, where: str) -> None:
+        from r3v_fast.data.records import DataError
+
+        rationale = (record.meta or {}).get("rationale")
+        fields = [("question", record.question), ("answer", record.answer), ("unit", record.unit),
+                  *(("choice", c) for c in record.choices or ()),
+                  ("worked solution", rationale if isinstance(rationale, str) else None)]
+        for name, text in fields:
+            for token in special_tokens:
+                if text and token in text:
+                    raise DataError(f"{where}: the {name} contains the chat special token {token!r}",
+                                    "chat special token")
+        if warmup and record.dataset == "shapes-math" and not record.meta:
+            raise DataError(f"{where}: shapes-math warm-up record without meta (no scene, no worked "
+                            "solution)", "warm-up without meta")
+    return check
+
+
+def load_run_data(options: DataOptions, *, log=print, special_tokens=()) -> RunData:
     """Training, test and warm-up questions; bad records are skipped and counted (UsageError
-    when a file cannot be read at all, or no training record is left). Without ``--data`` the
-    embedded shapes-math split is used, generated on first use."""
+    when a file cannot be read at all, or no training record is left), the first few named with
+    their file:line. ``special_tokens`` (:func:`chat_special_tokens` of the run's processor):
+    a record with one in its text is skipped. Without ``--data`` the embedded shapes-math split
+    is used, generated on first use."""
     from r3v_fast.data.loaders import load_files
     from r3v_fast.data.records import DataError
 
     def load(paths, what, image_root=options.image_root):
         try:
             records, reports = load_files(paths, fmt=options.data_format, image_root=image_root,
-                                          strict=False, check_images=True, dataset=options.dataset)
+                                          strict=False, check_images=True, dataset=options.dataset,
+                                          check=record_check(special_tokens, warmup=what == "warmup"))
         except (DataError, OSError) as err:
             raise UsageError(f"cannot load {what} data: {err}")
         for report in reports:
@@ -232,6 +276,8 @@ class Run:
         self.log = log if accelerator.is_main_process else (lambda *a, **k: None)
         self.pool = Pool(run_dir.pool_dir)
         self.phase = "run start"       # the phase in flight, for error messages ("iteration 1 train")
+        if accelerator.is_main_process:
+            run_dir.recover_metrics(log=self.log)
         self.dtype = torch.bfloat16 if resolve_bf16(cfg.model.bf16) else torch.float32
 
     # progress + metrics ---------------------------------------------------------------
@@ -275,8 +321,8 @@ class Run:
         sampler = self.sampler(model, processor)
         params = SamplingParams.from_options(cfg.sampling, seed=cfg.run.seed * 1000 + iteration)
         chunks = chunk_ranges(len(self.data.train), cfg.loop.chunk_size)
-        todo = [c for c in range(len(chunks)) if c % self.acc.num_processes == self.acc.process_index
-                and not self.pool.has_shard(iteration, c)]
+        todo = [c for c in self.unusable_chunks(iteration)
+                if c % self.acc.num_processes == self.acc.process_index]
         if len(todo) < len(chunks) // self.acc.num_processes:
             self.log(f"iteration {iteration}: resuming bootstrap, {len(todo)} chunks left on this rank")
         for c in todo:
@@ -290,7 +336,7 @@ class Run:
                               answer=judge.extract_answer(r.dataset, text),
                               correct=is_right(r, text))
                        for r, texts in zip(records, outputs) for j, text in enumerate(texts)]
-            self.pool.write_shard(iteration, c, samples)
+            self.pool.write_shard(iteration, c, samples, question_ids=[r.id for r in records])
             generated += count_tokens(processor, [text for texts in outputs for text in texts])
         self.acc.wait_for_everyone()
         chunks_per_rank, tokens_per_rank = [len(todo)], [generated]
@@ -302,6 +348,33 @@ class Run:
                 "samples": cfg.sampling.k * len(self.data.train), "chunks_per_rank": chunks_per_rank,
                 "generated_tokens": sum(tokens_per_rank), "seconds": time.time() - t0,
                 **peak_memory(self.acc.device)}
+
+    def unusable_chunks(self, iteration: int, *, report: bool = True) -> list[int]:
+        """The chunks of this iteration whose pool shard is missing or damaged (emptied, cut
+        short, torn, written for other questions or another K); ``report`` names each damaged
+        one in the log."""
+        chunks = chunk_ranges(len(self.data.train), self.cfg.loop.chunk_size)
+        unusable = []
+        for c, indices in enumerate(chunks):
+            problem = self.pool.shard_problem(iteration, c, [self.data.train[i].id for i in indices],
+                                              self.cfg.sampling.k)
+            if problem is None:
+                continue
+            if problem != "missing" and report:
+                self.log(f"iteration {iteration}: damaged pool shard, chunk {c} is sampled again: {problem}")
+            unusable.append(c)
+        return unusable
+
+    def repair_pool(self, iteration: int) -> None:
+        """Before training on the pool of iterations 1..t: sample again every chunk whose shard
+        is damaged, with the weights its iteration sampled from (same seed, same draws)."""
+        damaged = [it for it in range(1, iteration + 1) if self.done(f"bootstrap:{it}")
+                   and self.unusable_chunks(it, report=False)]
+        self.acc.wait_for_everyone()        # every rank has looked before any shard is rewritten
+        for it in damaged:
+            model, processor = self.load(self.sampling_model(it))
+            self.bootstrap(it, model, processor)
+            del model
 
     def build(self, iteration: int, processor):
         render = prompts.renderer(processor)
@@ -406,6 +479,9 @@ class Run:
         if self.done(f"eval:{iteration}"):
             return
         self.phase = f"iteration {iteration} eval"
+        if not self.data.test:
+            self.log(f"iteration {iteration}: no test data (--test-data): not evaluated")
+            return
         model, processor = self.load(model_path)
         result = self.evaluate(iteration, model, processor)
         if t_start is not None:
@@ -437,6 +513,7 @@ class Run:
                 del model
             if not self.done(f"train:{t}"):
                 self.phase = f"iteration {t} train"
+                self.repair_pool(t)
                 self.train_phase(t)
             self.eval_phase(t, self.dir.checkpoint(t), t_start)
         if self.acc.is_main_process:

@@ -31,15 +31,26 @@ from pathlib import Path
 
 from r3v_fast.config import RunConfig, UsageError
 
-__all__ = ["RunDir", "atomic_write_text"]
+__all__ = ["RunDir", "atomic_write_text", "current_umask"]
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
+    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one.
+
+    The file gets the mode a plain ``open`` would give it (0o666 less the umask): ``mkstemp``
+    creates its file 0600, which would hide run files from the group under umask 022."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -174,16 +185,72 @@ class RunDir:
             f.flush()
 
     def mark(self, key: str, metrics: dict | None = None) -> None:
-        """Record a finished phase, appending its metrics line first."""
+        """Record a finished phase, appending its metrics line first. A kill (or a full disk)
+        between the two writes leaves a row whose phase progress.json does not list: readers
+        ignore it and :meth:`recover_metrics` removes it before the phase runs again."""
         if metrics is not None:
             self.append_metrics(metrics)
         state = self.finished()
         state[key] = time.time()
         atomic_write_text(self.progress_path, json.dumps(state, indent=1))
 
-    def metrics(self) -> list[dict]:
+    def _metric_rows(self) -> tuple[list[dict], bool]:
+        """The rows of metrics.jsonl as a phase is recorded exactly once, and whether the file
+        holds anything else (a torn last line, a row of an unfinished phase, a duplicate).
+
+        - A last line that does not parse is the write a kill or a full disk cut short: dropped.
+          A bad line anywhere else is damage this code does not cause: an error naming it.
+        - A phase row ("bootstrap", "train", "eval") counts only when progress.json lists its
+          phase (``<phase>:<iteration>``), once.
+        - A "train_step" row is keyed by (iteration, step): a resumed training phase logs again
+          the steps after its last saved state, and the newest row of a step wins.
+        """
         path = self.metrics_path
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        if not path.exists():
+            return [], False
+        lines = path.read_text(encoding="utf-8").split("\n")
+        parsed: list[dict] = []
+        dirty = bool(lines[-1])          # the last write did not end its line
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "phase" not in row:
+                    raise ValueError("not a metrics record")
+            except ValueError as err:
+                if all(not rest.strip() for rest in lines[lineno:]):
+                    dirty = True
+                    continue
+                raise UsageError(f"{path}:{lineno}: damaged metrics record ({err}); "
+                                 "remove the line to resume") from None
+            parsed.append(row)
+        finished = self.finished()
+        latest: dict[tuple, int] = {}
+        for i, row in enumerate(parsed):
+            if row["phase"] == "train_step":
+                latest[("train_step", row.get("iteration"), row.get("step"))] = i
+            elif f"{row['phase']}:{row.get('iteration')}" in finished:
+                latest.setdefault((row["phase"], row.get("iteration")), i)
+        keep = sorted(latest.values())
+        return [parsed[i] for i in keep], dirty or len(keep) != len(parsed)
+
+    def metrics(self) -> list[dict]:
+        """Every recorded phase once, and every training step once (see :meth:`_metric_rows`)."""
+        return self._metric_rows()[0]
+
+    def recover_metrics(self, log=print) -> int:
+        """Before a run (re)starts: rewrite metrics.jsonl, atomically, as :meth:`metrics` reads
+        it, so that rows of a phase cut short and a torn last line are gone before new rows are
+        appended. Returns the number of lines dropped."""
+        rows, dirty = self._metric_rows()
+        if not dirty:
+            return 0
+        before = sum(1 for line in self.metrics_path.read_text(encoding="utf-8").split("\n") if line.strip())
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        dropped = before - len(rows)
+        log(f"{self.metrics_path}: dropped {dropped} line(s) of an interrupted write")
+        return dropped
 
     # ---------------------------------------------------------------- files
     def write_eval_rows(self, iteration: int, rows: list[dict]) -> None:

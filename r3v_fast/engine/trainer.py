@@ -30,6 +30,13 @@ process writes checkpoints.
 Training state (trainable weights, optimizer, scheduler, step) is saved every
 ``save_every`` steps and when interrupted (Ctrl-C / SIGTERM), so ``--resume`` continues
 from the last saved step with the same batch order.
+
+Non-finite steps: a state is saved only once its weights have been seen to give a finite loss
+and gradient, i.e. the state at step s is written inside step s, after its forward and
+backward and before its update. A step whose loss or gradient norm is not finite never updates
+the weights: with ``--skip-nonfinite N`` up to N such steps are skipped (logged with their
+questions), beyond that :class:`TrainingDiverged` stops training and the saved state stays the
+last finite one, so a resume (with a lower ``--lr``) starts from finite weights.
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss: training stops, naming the step and the batch's questions."""
+    """A non-finite loss or gradient: training stops, naming the step, its questions and the
+    step of the training state kept on disk."""
 
 
 class TrainStateError(RuntimeError):
@@ -180,6 +188,8 @@ class Trainer:
         self._skips: dict = {}             # example index -> Skip, for this train() call
         self._last_batch = None            # this rank's last micro-batch (weight-0 padding)
         self._plan_report: dict = {}
+        self._saved_step = 0               # the step of the training state on disk (0: none)
+        self._nonfinite_skipped = 0        # non-finite steps skipped in this train() call
 
     # ----------------------------------------------------------------------------- state
     def _trainable_state(self, wrapper) -> dict[str, torch.Tensor]:
@@ -318,6 +328,7 @@ class Trainer:
         except Exception as err:       # whatever a damaged file makes its reader raise
             raise TrainStateError(f"{self.state_dir}: the saved training state cannot be read ({err}); "
                                   "delete that folder to restart this training phase from step 0") from err
+        self._saved_step, self._nonfinite_skipped = start, 0
         if start:
             resumed_hyperparameters(optimizer, scheduler, opts)
             self.log(f"resuming training at step {start}/{len(steps)}")
@@ -351,8 +362,6 @@ class Trainer:
                         self.on_step(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
-                    if opts.save_every and (step + 1) % opts.save_every == 0 and step + 1 < len(steps):
-                        self._save_state(wrapper, optimizer, scheduler, step + 1)
                 step = end
         except KeyboardInterrupt:
             self.log(f"interrupted at step {step}: saving training state to {self.state_dir}")
@@ -362,7 +371,8 @@ class Trainer:
             bar.close()
         self.model = acc.unwrap_model(wrapper).model
         summary = {"steps": len(steps), "examples": n_kept, "dropped": dict(dropped), "history": history,
-                   "seconds": time.time() - t0, "data_path": opts.data_path}
+                   "seconds": time.time() - t0, "data_path": opts.data_path,
+                   "nonfinite_skipped": self._nonfinite_skipped}
         for key in ("computed_tokens", "example_tokens", "target_tokens"):   # this call's steps, all ranks
             summary[key] = int(sum(r[key] for r in history))
         summary.update(self._plan_report)
@@ -429,6 +439,7 @@ class Trainer:
         # Logged statistics: [loss, NLL sum per task, target tokens per task, computed token slots,
         # example tokens, target tokens], reduced at the end.
         stats = torch.zeros(1 + 2 * len(TASKS) + 3, dtype=torch.float64)
+        nonfinite_groups: set[str] = set()                  # questions of this rank's non-finite micro-batches
         t0 = time.time()
         for m in range(n_micro):
             padding = m >= len(batches)                     # this rank ran out: weight-0 repeat
@@ -442,9 +453,11 @@ class Trainer:
             with sync, acc.autocast():
                 scaled, logp, n_tok = wrapper(batch.to(acc.device, non_blocking=True), weights * scale)
             loss = -(weights * logp).sum()                  # the step's loss, from the detached logp
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {step}; questions in "
-                                       f"this batch: {sorted(set(batch.groups))}")
+            if not padding and not torch.isfinite(loss):
+                nonfinite_groups.update(batch.groups)
+            # A non-finite micro-batch still runs its backward: under several ranks every rank
+            # takes part in every gradient all-reduce, and the verdict below is taken from the
+            # reduced loss and gradient norm, which all ranks share.
             acc.backward(scaled)
             if not padding:
                 stats[0] += float(loss.detach())
@@ -461,17 +474,46 @@ class Trainer:
         norm = acc.clip_grad_norm_([p for p in wrapper.parameters() if p.requires_grad],
                                    opts.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]                     # the rate this step runs at
-        optimizer.step()
-        scheduler.step()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        finite = bool(torch.isfinite(stats[0])) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
+        if finite:
+            # These weights gave a finite loss and gradient: now they may be saved as the state
+            # at this step (before the update, which could be the one that diverges).
+            if opts.save_every and step > self._saved_step and step % opts.save_every == 0:
+                self._save_state(wrapper, optimizer, scheduler, step)
+                self._saved_step = step
+            optimizer.step()
+        else:
+            self._nonfinite(step, float(stats[0]), grad_norm, nonfinite_groups, batches)
+        scheduler.step()                                    # a skipped step keeps the schedule's pace
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t0
         computed, example_tokens, target_tokens = (float(v) for v in stats[-3:])
-        record = {"step": step, "loss": float(stats[0]), "lr": lr,
-                  "grad_norm": float(norm) if norm is not None else float("nan"),
+        record = {"step": step, "loss": float(stats[0]), "lr": lr, "grad_norm": grad_norm,
                   "computed_tokens": computed, "example_tokens": example_tokens, "target_tokens": target_tokens,
                   "tokens_per_s": example_tokens / seconds if seconds > 0 else 0.0}
         for i, name in enumerate(("L_SFT", "L_REF", "L_SEL", "L_WARM")):
             tokens = float(stats[1 + len(TASKS) + i])
             if tokens:
                 record[name] = float(stats[1 + i]) / tokens
+        if not finite:
+            record["skipped_nonfinite"] = True
         return record
+
+    def _nonfinite(self, step: int, loss: float, grad_norm: float, groups: set[str], batches) -> None:
+        """A step whose loss or gradient norm is not finite: no update. Skipped and logged
+        while ``--skip-nonfinite`` allows, else :class:`TrainingDiverged`. Named questions: those
+        of the non-finite micro-batches (of the whole step when only the gradient is), all ranks."""
+        if not groups:
+            groups = {g for batch in batches for g in batch.groups}
+        questions = sorted({q for rank_groups in self._gather(sorted(groups)) for q in rank_groups})
+        what = f"loss {loss}" if not torch.isfinite(torch.tensor(loss)) else f"gradient norm {grad_norm}"
+        message = f"non-finite {what} at step {step}; questions in this step: {questions}"
+        self._nonfinite_skipped += 1
+        limit = self.options.skip_nonfinite
+        if self._nonfinite_skipped > limit:
+            kept = (f"the training state in {self.state_dir} is step {self._saved_step}, the last finite one"
+                    if self._saved_step else "no training state was saved; training restarts at step 0")
+            raise TrainingDiverged(f"{message}; training stopped (--skip-nonfinite {limit}); {kept}")
+        self.log(f"skipped step {step} without an update ({self._nonfinite_skipped} of --skip-nonfinite "
+                 f"{limit}): {message}")

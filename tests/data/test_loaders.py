@@ -309,3 +309,43 @@ def test_public_clevr_files(tmp_path, png):
                                                                 "cubes exist?", "3")
     assert "rationale" not in direct.meta and worked.meta["rationale"].endswith("Answer:\n7")
     assert (worked.answer, worked.question) == ("7", "Subtract all blocks. How many objects are left?")
+
+
+@pytest.mark.parametrize("text", [
+    "A. x" + " " * 100_000 + "y",                     # an option line with a long run of spaces inside
+    "Which?\nA. 1\nB. 2" + " " * 100_000 + "z",
+    " " * 100_000 + "A",
+    "Q (Unit: " + " " * 100_000 + "m",                # an unclosed unit on one huge line
+])
+def test_hostile_lines_are_split_in_linear_time(text):
+    # Quadratic backtracking took ~5 s at 20k spaces (~2 min at 100k); a linear scan takes
+    # milliseconds. The bound only guards against a return to quadratic behaviour.
+    import time
+
+    from r3v_fast.data.loaders import split_unit
+
+    start = time.process_time()
+    split_choices(text)
+    split_unit(text)
+    assert time.process_time() - start < 2.0
+
+
+def test_split_unit():
+    from r3v_fast.data.loaders import split_unit
+
+    assert split_unit("How many? (Unit: students) ") == ("How many?", "students")
+    assert split_unit("How many? (Unit: (a) b)") == ("How many? (Unit: (a) b)", None)
+    assert split_unit("How many?") == ("How many?", None)
+    assert split_choices("Q\nA.  x  \n(B) y") == ("Q", ("x", "y"))
+
+
+def test_json_with_a_byte_order_mark_and_non_finite_gold(tmp_path, png):
+    png(tmp_path / "images" / "a.png")
+    items = [{"filename": "a.png", "question": "How many?", "answer": 3},
+             {"filename": "a.png", "question": "How many?", "answer": float("nan")},
+             {"filename": "a.png", "question": "How many?", "answer": 2.5}]
+    path = tmp_path / "clevr_test.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(items).encode())
+    records, report = load_dataset(path, strict=False)
+    assert [r.answer for r in records] == ["3"]
+    assert report.skipped == {"bad value": 1, "non-integer answer": 1}

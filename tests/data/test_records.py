@@ -26,14 +26,19 @@ def test_round_trip_is_exact(tmp_path, png):
     records = _records(tmp_path, png)
     path = tmp_path / "ds" / "data.jsonl"
     write_records(path, records)
-    back, report = read_records(path)
-    assert back == records
-    assert report.n_loaded == 3 and not report.skipped
     # inside the file's directory -> relative path; outside -> absolute path as given
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["image"] == "images/a.png"
     assert lines[1]["image"] == str(tmp_path / "elsewhere" / "b.png")
     assert lines[1]["choices"] == ["30°", "45°", "60°"] and "choices" not in lines[0]
+    # an absolute path outside the file's directory loads only under an image root that holds it
+    with pytest.raises(DataError, match="line 2: image path .* outside the image root .*--image-root"):
+        read_records(path)
+    inside = [records[0], records[2]]
+    write_records(path, inside)
+    back, report = read_records(path)
+    assert back == inside
+    assert report.n_loaded == 2 and not report.skipped
 
 
 def test_moved_directory_still_loads(tmp_path, png):
@@ -46,7 +51,7 @@ def test_moved_directory_still_loads(tmp_path, png):
 
 def test_write_is_atomic(tmp_path, png):
     path = tmp_path / "ds" / "data.jsonl"
-    records = _records(tmp_path, png)
+    records = [r for r in _records(tmp_path, png) if r.id != "q2"]     # images inside the folder
     write_records(path, records)
 
     def broken():
@@ -64,7 +69,7 @@ def test_record_validation_and_load_image(tmp_path, png, corrupt_png):
         Record(id="x", image="/i.png", question="  ", answer="1", dataset="d")
     with pytest.raises(DataError, match="at least 2 choices"):
         Record(id="x", image="/i.png", question="q", answer="A", dataset="d", choices=("only",))
-    good = Record(id="ok", image=str(png(tmp_path / "g.png", size=(5, 7))), question="q", answer="1",
+    good = Record(id="ok", image=str(png(tmp_path / "g.png", size=(5, 7))), question="q", answer="b",
                   dataset="d", choices=["a", "b"])
     assert good.choices == ("a", "b") and hash(good) == hash(good)
     img = good.load_image()
@@ -118,6 +123,13 @@ BAD_LINES = [
     (_line(id="r0"), "duplicate id", "duplicate id"),
     ('["a", "list"]', "expected a JSON object", "bad value"),
     (_line(choices=["one"]), "at least 2 choices", "bad value"),
+    # a letter beyond the choices: a prediction "E" would be judged right against it
+    (_line(dataset="geoqa", answer="E", choices=["1", "2"]), "'E' names none of the 2 choices",
+     "answer not an option"),
+    (_line(answer="2.5"), "shapes-math answer must be an integer", "non-integer answer"),
+    (_line(answer="NaN", dataset="clevr-math"), "clevr-math answer must be an integer", "non-integer answer"),
+    (_line(answer="inf"), "must be an integer", "non-integer answer"),
+    (_line(image="/etc/hosts"), "outside the image root", "bad image path"),
 ]
 
 
@@ -154,7 +166,7 @@ def test_absolute_paths_and_explicit_root(tmp_path, png):
     outside = png(tmp_path / "out.png")
     path = tmp_path / "data.jsonl"
     path.write_text(_line(id="a", image=str(inside)) + "\n" + _line(id="b", image=str(outside)) + "\n")
-    # no explicit root: absolute paths are taken as written
+    # no explicit root: the file's directory is the root, and both lie inside it
     assert len(read_records(path)[0]) == 2
     # explicit root: an absolute path elsewhere is an escape
     with pytest.raises(DataError, match="line 2: image path .* outside the image root"):
@@ -173,4 +185,27 @@ def test_report_summary():
     assert report.summary() == "f.jsonl: loaded 4 records"
     report.skip(DataError("x", "missing field"))
     report.skip(DataError("y", "bad image path"))
-    assert report.summary() == "f.jsonl: loaded 4 records, skipped 2 (bad image path: 1, missing field: 1)"
+    assert report.summary() == ("f.jsonl: loaded 4 records, skipped 2 (bad image path: 1, missing field: 1)\n"
+                                "  skipped: x [missing field]\n  skipped: y [bad image path]")
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path, png):
+    png(tmp_path / "img.png")
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (_line(id="r1") + "\n" + _line(id="r2") + "\n").encode())
+    records, report = read_records(path, strict=False)
+    assert [r.id for r in records] == ["r1", "r2"] and not report.skipped
+
+
+def test_the_summary_names_the_first_skipped_records(tmp_path, png):
+    png(tmp_path / "img.png")
+    path = tmp_path / "data.jsonl"
+    bad = [_line(id=f"b{i}", answer="x") for i in range(7)]
+    path.write_text("\n".join([_line(id="ok"), *bad]) + "\n")
+    _, report = read_records(path, strict=False)
+    lines = report.summary().splitlines()
+    assert lines[0].endswith("loaded 1 records, skipped 7 (non-integer answer: 7)")
+    assert lines[1] == (f"  skipped: {path}, line 2: record 'b0': shapes-math answer must be an integer, "
+                        "got 'x' [non-integer answer]")
+    assert [line.split(", ")[1].split(":")[0] for line in lines[1:6]] == [f"line {n}" for n in range(2, 7)]
+    assert lines[6] == "  ... and 2 more"

@@ -152,3 +152,47 @@ def test_max_length_is_checked_against_the_longest_prompt_before_any_work(model,
     with pytest.raises(UsageError, match=f"--max-length {need[longest_id] - 1} .*question {longest_id}'s .*"
                                          f"at least {need[longest_id]}"):
         loop.check_prompt_lengths(RunConfig().replace(max_length=need[longest_id] - 1), data, model_dir)
+
+
+def _shapes_line(rid, question="How many circles?", answer="2", meta=True):
+    obj = {"id": rid, "image": "img.png", "question": question, "answer": answer, "dataset": "shapes-math"}
+    if meta:
+        obj["meta"] = {"rationale": "I see 2 circles.\nAnswer: 2"}
+    return json.dumps(obj) + "\n"
+
+
+@pytest.mark.parametrize("model_fixture, token", [("tiny_qwen2vl_dir", "<|image_pad|>"),
+                                                   ("tiny_qwen2vl_dir", "<|vision_start|>"),
+                                                   ("tiny_llava_dir", "<image>")])
+def test_records_with_chat_special_tokens_are_skipped_and_named(request, tmp_path, model_fixture, token):
+    from PIL import Image
+
+    from r3v_fast.config import DataOptions
+
+    Image.new("RGB", (28, 28), "white").save(tmp_path / "img.png")
+    (tmp_path / "train.jsonl").write_text(_shapes_line("ok") + _shapes_line("bad", f"How many {token} circles?"))
+    (tmp_path / "warmup.jsonl").write_text(_shapes_line("w-ok") + _shapes_line("w-bare", meta=False))
+    processor = loop.load_processor(request.getfixturevalue(model_fixture))
+    tokens = loop.chat_special_tokens(processor)
+    assert token in tokens
+    logged = []
+    data = loop.load_run_data(DataOptions(data=(str(tmp_path / "train.jsonl"),),
+                                          warmup_data=(str(tmp_path / "warmup.jsonl"),)),
+                              log=logged.append, special_tokens=tokens)
+    assert [r.id for r in data.train] == ["ok"] and [r.id for r in data.warmup] == ["w-ok"]
+    text = "\n".join(logged)
+    assert "skipped 1 (chat special token: 1)" in text
+    assert f"train.jsonl, line 2 (record 'bad'): the question contains the chat special token {token!r}" in text
+    assert "warmup.jsonl, line 2 (record 'w-bare'): shapes-math warm-up record without meta" in text
+
+
+def test_a_run_without_test_data_says_so(tmp_path):
+    from r3v_fast.engine.rundir import RunDir
+
+    run = loop.Run.__new__(loop.Run)
+    logged = []
+    run.dir, run.log = RunDir(tmp_path), logged.append
+    run.data = loop.RunData(train=[], test=[])
+    run.load = lambda path: pytest.fail("no model is loaded to evaluate nothing")
+    run.eval_phase(1, tmp_path / "checkpoint")
+    assert logged == ["iteration 1: no test data (--test-data): not evaluated"]

@@ -93,6 +93,93 @@ def test_nan_loss_names_the_questions(model_and_examples, tmp_path):
         trainer.train(examples)
 
 
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_diverged_update_is_never_saved(model_and_examples, tmp_path):
+    """The update of step 2 leaves NaN weights (as --lr 1e6 leaves overflowing ones): step 3 is
+    non-finite, training stops, and the state on disk is the one of step 2, whose weights gave a
+    finite loss, not the diverged weights after step 2's update."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    model, processor, examples = model_and_examples
+    model = copy.deepcopy(model)
+    seen = {}
+
+    def diverge_after_step_2(record):
+        if record["step"] == 2:
+            seen["updated"] = _weights(model)
+            with torch.no_grad():
+                model.lm_head.weight.fill_(float("nan"))
+
+    # 2 questions x 3 examples, 3 examples per step: 2 steps per epoch, 6 steps in all
+    opts = TrainOptions(epochs=3, lr=1e-3, batch_size=3, max_tokens=4096, lora_r=0, save_every=1, packing="none",
+                        warmup_steps=0)
+    trainer = Trainer(model, processor, Accelerator(cpu=True), opts, tmp_path / "state", show_progress=False,
+                      on_step=diverge_after_step_2)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss nan at step 3; questions in this step: \['q"
+                                               r".*training state in .*state is step 2, the last finite one"):
+        trainer.train(examples)
+    import json
+
+    assert json.loads((tmp_path / "state" / "step.json").read_text()) == {"step": 2}
+    saved = load_file(str(tmp_path / "state" / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    # the saved weights are those step 2 started from, not those its update made
+    assert not torch.equal(saved["lm_head.weight"], seen["updated"]["lm_head.weight"])
+    assert torch.isfinite(seen["updated"]["lm_head.weight"]).all()
+
+
+def test_skip_nonfinite_skips_the_update_and_names_the_questions(model_and_examples, tmp_path, monkeypatch):
+    import copy
+
+    from r3v_fast.engine import trainer as trainer_module
+
+    model, processor, examples = model_and_examples
+    real_weights = trainer_module.loss_weights
+    state = {"step": 0}
+
+    def nan_at_step_1(tasks, counts, options):          # a NaN loss and gradient at step 1 only
+        weights = real_weights(tasks, counts, options)
+        return weights * float("nan") if state["step"] == 1 else weights
+
+    monkeypatch.setattr(trainer_module, "loss_weights", nan_at_step_1)
+    after = {}
+
+    def note(record):
+        after[record["step"]] = _weights(model)
+        state["step"] = record["step"] + 1
+
+    opts = TrainOptions(epochs=2, lr=1e-2, batch_size=3, max_tokens=4096, lora_r=0, save_every=0, packing="none",
+                        warmup_steps=0, skip_nonfinite=1)
+    model = copy.deepcopy(model)
+    logged = []
+    trainer = Trainer(model, processor, Accelerator(cpu=True), opts, tmp_path / "state", show_progress=False,
+                      on_step=note, log=logged.append)
+    summary = trainer.train(examples)
+    assert summary["nonfinite_skipped"] == 1 and summary["steps"] == 4
+    skipped = [r["step"] for r in summary["history"] if r.get("skipped_nonfinite")]
+    assert skipped == [1]
+    assert any(m.startswith("skipped step 1 without an update (1 of --skip-nonfinite 1): non-finite loss nan "
+                            "at step 1; questions in this step: ['q") for m in logged)
+    for name, value in after[1].items():          # step 1 changed nothing ...
+        assert torch.equal(value, after[0][name]), name
+    assert all(torch.isfinite(v).all() for v in after[3].values())
+    assert any(not torch.equal(after[3][n], after[1][n]) for n in after[1])   # ... the others trained
+
+    # without the allowance the same step stops training, no state having been saved
+    state["step"] = 0
+    opts = TrainOptions(epochs=2, lr=1e-2, batch_size=3, max_tokens=4096, lora_r=0, save_every=0, packing="none",
+                        warmup_steps=0)
+    trainer = Trainer(copy.deepcopy(model), processor, Accelerator(cpu=True), opts, tmp_path / "state2",
+                      show_progress=False, on_step=lambda r: state.update(step=r["step"] + 1))
+    with pytest.raises(TrainingDiverged, match="at step 1.*no training state was saved"):
+        trainer.train(examples)
+
+
 def test_plan_steps_keeps_groups_whole_and_is_deterministic():
     exs = [Example("sft", f"g{i // 3}", "", "p", "t") for i in range(12)]
     steps = plan_steps(exs, batch_size=4, epochs=2, seed=0)
