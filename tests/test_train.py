@@ -141,8 +141,8 @@ def test_resume_after_interrupt_during_training(tiny_qwen2vl_dir, shapes_dir, tm
     args = smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false", "--batch-size", "2",
                       "--epochs", "2")
     assert train.main(args) == 130
-    state = json.loads((run_dir / "train_state" / "step.json").read_text())
-    assert state == {"step": 2}                          # steps 0 and 1 are kept
+    state = json.loads((run_dir / "train_state" / "current.json").read_text())
+    assert state["step"] == 2                            # steps 0 and 1 are kept
     assert train.main(["--resume", "--run-dir", str(run_dir), "--progress", "false"]) == 0
     assert "resuming training at step 2/" in capsys.readouterr().out
     assert not (run_dir / "train_state").exists()        # cleaned up once the checkpoint is saved
@@ -159,6 +159,40 @@ def test_resume_after_interrupt_during_training(tiny_qwen2vl_dir, shapes_dir, tm
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+
+
+class Killed(BaseException):
+    """A kill -9 stand-in: no handler catches it, so nothing is saved on the way out."""
+
+
+def test_a_kill_before_the_training_phase_is_marked_resumes_from_the_saved_step(tiny_qwen2vl_dir, shapes_dir,
+                                                                                  tmp_path, monkeypatch, capsys):
+    """Training is over and its checkpoint written, but the run dies before "train:1" reaches
+    progress.json. The training state is still there, so the resumed run picks up at the last
+    saved step instead of training again from step 0; it is removed once the phase is marked."""
+    from r3v_fast.engine import loop
+
+    run_dir = tmp_path / "run"
+    real_mark = loop.Run.mark
+
+    def mark(self, key, metrics=None):
+        if key == "train:1":
+            raise Killed
+        real_mark(self, key, metrics)
+
+    monkeypatch.setattr(loop.Run, "mark", mark)
+    args = smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false", "--batch-size", "4",
+                      "--save-every", "1")
+    with pytest.raises(Killed):
+        train.main(args)
+    monkeypatch.undo()
+    saved = json.loads((run_dir / "train_state" / "current.json").read_text())["step"]
+    assert saved > 0
+    capsys.readouterr()
+    assert train.main(["--resume", "--run-dir", str(run_dir), "--progress", "false"]) == 0
+    assert f"resuming training at step {saved}/{saved + 1}" in capsys.readouterr().out
+    assert not (run_dir / "train_state").exists()
+    assert phases(run_dir) == [(1, "bootstrap"), (1, "train"), (1, "eval")]
 
 
 def test_shortened_default_run_on_the_shipped_checkpoint(tmp_path):

@@ -296,8 +296,6 @@ class Run:
                           on_step=self.step_logger(iteration))
         summary = trainer.train(examples)
         self.save_checkpoint(trainer.model, processor, iteration)
-        if self.acc.is_main_process:
-            self.dir.clear_train_state()
         history = summary.pop("history")
         last = history[-1] if history else {}
         return {"iteration": iteration, "phase": "train", **summary,
@@ -349,6 +347,15 @@ class Run:
         summary["counts"] = {"sft": counts.get("sft", 0), "refine": counts.get("refine", 0),
                              "select": counts.get("select", 0), "warmup": counts.get("warmup", 0)}
         self.mark(f"train:{iteration}", summary)
+        self.drop_train_state()
+
+    def drop_train_state(self) -> None:
+        """Remove the training state of a phase marked done. The mark comes first: a kill between
+        the two leaves a finished phase and a stale state, which the next resume removes here
+        (a kill before the mark resumes training from the saved step)."""
+        if self.acc.is_main_process:
+            self.dir.clear_train_state()
+        self.acc.wait_for_everyone()
 
     def eval_phase(self, iteration: int, model_path: Path, t_start: float | None = None) -> None:
         if self.done(f"eval:{iteration}"):
@@ -373,6 +380,7 @@ class Run:
             t_start = time.time()
             if not self.done("train:0"):
                 self.train_phase(0)
+            self.drop_train_state()
             self.eval_phase(0, self.dir.checkpoint(0), t_start)
         for t in range(1, cfg.loop.iterations + 1):
             t_start = time.time()
@@ -382,6 +390,7 @@ class Run:
                 del model
             if not self.done(f"train:{t}"):
                 self.train_phase(t)
+            self.drop_train_state()
             self.eval_phase(t, self.dir.checkpoint(t), t_start)
         if self.acc.is_main_process:
             write_plot(self.metrics(), self.dir.plot_path, title=self.dir.path.name)

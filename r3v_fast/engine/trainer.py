@@ -27,15 +27,19 @@ out to ranks, and each rank loads only its own groups; every rank runs the same 
 micro-batches (a rank with fewer repeats its last one with weight 0), and only the main
 process writes checkpoints.
 
-Training state (trainable weights, optimizer, scheduler, step) is saved every
+Training state (trainable weights, optimizer, scheduler, RNG states, step) is saved every
 ``save_every`` steps and when interrupted (Ctrl-C / SIGTERM), so ``--resume`` continues
-from the last saved step with the same batch order.
+from the last saved step with the same batch order. A save replaces the previous one
+atomically (a new folder, then a pointer file switched by rename), and the saved tensors are
+full tensors gathered from every rank, so a state saved under FSDP resumes under any number
+of processes. Files are read back with ``weights_only=True``: a pickle placed there is refused.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import sys
 import time
@@ -129,6 +133,81 @@ def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int, **spe
     return scheduler
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (an FSDP2 shard) is all-gathered (a collective: every rank
+    calls it, in the same order), a plain tensor is returned detached."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor().detach() if isinstance(t, DTensor) else t.detach()
+
+
+def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` in the layout of ``param``: its device and dtype, and its shard when ``param`` is
+    a DTensor (each rank keeps its own part of the full tensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device_mesh.device_type, param.dtype), param.device_mesh,
+                                 param.placements)
+    return full.to(param.device, param.dtype)
+
+
+def full_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with every DTensor (FSDP2 shards of the moments) gathered into a
+    full CPU tensor, so that the file does not depend on the number of ranks."""
+    state = optimizer.state_dict()
+    return {"state": {index: {key: full_tensor(value).cpu() if torch.is_tensor(value) else value
+                              for key, value in sorted(entry.items())}
+                      for index, entry in sorted(state["state"].items())},
+            "param_groups": state["param_groups"]}
+
+
+def load_full_optimizer_state(optimizer, state: dict) -> None:
+    """Inverse of ``full_optimizer_state``: load, then cut each moment of a sharded parameter
+    back to this rank's shard."""
+    optimizer.load_state_dict(state)
+    inner = getattr(optimizer, "optimizer", optimizer)       # accelerate's AcceleratedOptimizer
+    for group in inner.param_groups:
+        for param in group["params"]:
+            entry = inner.state.get(param, {})
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    entry[key] = like(param, value)
+
+
+def rng_states() -> dict:
+    """This process's random states (Python, torch CPU, CUDA): LoRA dropout draws from torch's."""
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class TrainStateError(RuntimeError):
+    """A saved training state that cannot be used: it names the file and what to do."""
+
+
+def load_plain(path: Path):
+    """``torch.load`` of tensors and plain containers only (``weights_only=True``): a file that
+    would need arbitrary unpickling (and could run code) is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainStateError(f"{path}: refused to load: not a plain tensor file ({reason}). It was not "
+                              f"written by r3v_fast; remove {path.parent.parent} to restart this training "
+                              "phase from step 0") from None
+
+
 @contextmanager
 def interrupts_as_keyboard_interrupt():
     """Turn SIGTERM into KeyboardInterrupt so that a kill also saves the training state."""
@@ -165,47 +244,85 @@ class Trainer:
         self._plan_report: dict = {}
 
     # ----------------------------------------------------------------------------- state
+    # train_state/ holds ``current.json`` ({"step": n, "dir": "step_<n>_<stamp>"}) and the folder
+    # it names: trainable.safetensors (trainable weights, full tensors), optimizer.pt (optimizer
+    # and scheduler state, full tensors; read with weights_only=True, so a pickle placed there
+    # cannot run code), rng_rank<r>.pt (each rank's RNG states, which LoRA dropout draws from).
+    # A save writes a new folder, then replaces current.json atomically, then removes older
+    # folders: a kill at any point leaves the previous state or the new one, never none.
     def _trainable_state(self, wrapper) -> dict[str, torch.Tensor]:
+        """Trainable weights as full CPU tensors, on every rank (a collective under FSDP)."""
         model = self.accelerator.unwrap_model(wrapper).model
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: full_tensor(p).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
     def _save_state(self, wrapper, optimizer, scheduler, step: int) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        folder = self.state_dir / f"step_{step:07d}_{time.time_ns()}"
+        if acc.num_processes > 1:            # every rank writes into the main process's folder
+            from accelerate.utils import broadcast_object_list
+
+            chosen = [str(folder)]
+            broadcast_object_list(chosen)
+            folder = Path(chosen[0])
+        if acc.is_main_process:
+            folder.mkdir(parents=True)
+        acc.wait_for_everyone()
+        # Gathered on every rank (FSDP shards are all-gathered), written by the main process.
+        weights = self._trainable_state(wrapper)
+        optimizer_state = full_optimizer_state(optimizer)
+        torch.save(rng_states(), folder / f"rng_rank{acc.process_index}.pt")
+        if acc.is_main_process:
             from safetensors.torch import save_file
 
-            tmp = self.state_dir.with_name(self.state_dir.name + ".tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
-            save_file(self._trainable_state(wrapper), str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       tmp / "optimizer.pt")
-            (tmp / "step.json").write_text(json.dumps({"step": step}))
-            if self.state_dir.exists():
-                import shutil
+            save_file(weights, str(folder / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
+                       folder / "optimizer.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            from r3v_fast.engine.rundir import atomic_write_text
 
-                shutil.rmtree(self.state_dir)
-            tmp.rename(self.state_dir)
-        self.accelerator.wait_for_everyone()
+            atomic_write_text(self.state_dir / "current.json", json.dumps({"step": step, "dir": folder.name}))
+            for old in self.state_dir.iterdir():
+                if old.is_dir() and old.name != folder.name:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def saved_step(self) -> tuple[int, Path | None]:
+        """(step, folder) of the saved training state, (0, None) when there is none."""
+        pointer = self.state_dir / "current.json"
+        if not pointer.exists():
+            return 0, None
+        try:
+            current = json.loads(pointer.read_text())
+            return int(current["step"]), self.state_dir / current["dir"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise RuntimeError(f"{pointer}: unreadable training state pointer ({err}); remove "
+                               f"{self.state_dir} to restart this training phase from step 0") from None
 
     def _load_state(self, wrapper, optimizer, scheduler) -> int:
-        if not (self.state_dir / "step.json").exists():
+        step, folder = self.saved_step()
+        if folder is None:
             return 0
         from safetensors.torch import load_file
 
         model = self.accelerator.unwrap_model(wrapper).model
-        weights = load_file(str(self.state_dir / "trainable.safetensors"))
+        weights = load_file(str(folder / "trainable.safetensors"))
         missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
         if missing:
-            raise RuntimeError(f"{self.state_dir}: saved training state does not match the model "
+            raise RuntimeError(f"{folder}: saved training state does not match the model "
                                f"(missing {missing[:3]}...)")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in weights:
-                    p.copy_(weights[n].to(p.device, p.dtype))
-        opt = torch.load(self.state_dir / "optimizer.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        return json.loads((self.state_dir / "step.json").read_text())["step"]
+                    p.copy_(like(p, weights[n]))
+        saved = load_plain(folder / "optimizer.pt")
+        load_full_optimizer_state(optimizer, saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        rng = folder / f"rng_rank{self.accelerator.process_index}.pt"
+        if rng.exists():
+            set_rng_states(load_plain(rng))
+        return step
 
     # ----------------------------------------------------------------------------- plan
     def _gather(self, value) -> list:
@@ -306,7 +423,7 @@ class Trainer:
         self._last_batch = None
         bar = tqdm(total=len(steps), initial=start, desc="training", unit="step",
                    disable=not (self.show_progress and acc.is_main_process))
-        step = start
+        step = completed = start          # completed: optimizer steps done (what a save records)
         if opts.data_path == "eager":
             batches_of = nullcontext(self._eager_batches(source, steps, start))
         else:
@@ -321,6 +438,7 @@ class Trainer:
                         raise RuntimeError(f"the data path delivered step {step_batch.step} for step {step}")
                     self._note_loaded(step_batch, image_stats)
                     record = self._step(wrapper, optimizer, scheduler, step_batch, step)
+                    completed = step + 1
                     # Seconds since train() began: at the end of the step and when its batches
                     # were ready; and how long the step waited for them.
                     record.update(seconds=time.time() - t0, batch_ready_s=ready - t0, data_wait_s=ready - asked)
@@ -333,8 +451,8 @@ class Trainer:
                         self._save_state(wrapper, optimizer, scheduler, step + 1)
                 step = end
         except KeyboardInterrupt:
-            self.log(f"interrupted at step {step}: saving training state to {self.state_dir}")
-            self._save_state(wrapper, optimizer, scheduler, step)
+            self.log(f"interrupted at step {completed}: saving training state to {self.state_dir}")
+            self._save_state(wrapper, optimizer, scheduler, completed)
             raise
         finally:
             bar.close()
