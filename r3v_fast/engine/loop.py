@@ -34,7 +34,7 @@ from r3v_fast.engine.report import format_row, write_plot
 from r3v_fast.engine.rundir import RunDir
 from r3v_fast.engine.sampler import HFSampler, Request, SamplingParams
 from r3v_fast.engine.tasks import build_examples
-from r3v_fast.engine.trainer import Trainer, apply_lora
+from r3v_fast.engine.trainer import Trainer, apply_lora, is_fsdp
 from r3v_fast.model.loading import load_vlm, tokenizer_of
 
 __all__ = ["RunData", "load_run_data", "make_sampler", "warmup_examples", "Run"]
@@ -210,6 +210,21 @@ class Run:
             self.dir.save_checkpoint(model, processor, iteration)
         self.acc.wait_for_everyone()
 
+    def save_sharded_checkpoint(self, trainer: Trainer, init: Path, processor, iteration: int) -> None:
+        """FSDP: the trained weights are gathered tensor by tensor on every rank, kept by the main
+        process only, which loads them into a fresh unsharded copy of the model (on the CPU,
+        LoRA adapters included), merges and writes it as the other paths do."""
+        state = trainer.full_state_dict()
+        trainer.model = None
+        if self.acc.is_main_process:
+            model, _ = load_vlm(init, dtype=torch.float32 if self.cfg.train.lora_r <= 0 else self.dtype,
+                                device="cpu", trust_remote_code=self.cfg.model.trust_remote_code)
+            model = apply_lora(model, self.cfg.train)
+            model.load_state_dict(state)
+            del state
+            self.dir.save_checkpoint(model, processor, iteration)
+        self.acc.wait_for_everyone()
+
     def sampler(self, model, processor):
         return make_sampler(self.cfg.sampling, model, processor, show_progress=self.cfg.run.progress)
 
@@ -295,7 +310,10 @@ class Run:
                           log=self.log, show_progress=cfg.run.progress, seed=cfg.run.seed,
                           on_step=self.step_logger(iteration))
         summary = trainer.train(examples)
-        self.save_checkpoint(trainer.model, processor, iteration)
+        if is_fsdp(self.acc):
+            self.save_sharded_checkpoint(trainer, init, processor, iteration)
+        else:
+            self.save_checkpoint(trainer.model, processor, iteration)
         history = summary.pop("history")
         last = history[-1] if history else {}
         return {"iteration": iteration, "phase": "train", **summary,

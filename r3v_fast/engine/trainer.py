@@ -57,7 +57,7 @@ from r3v_fast.engine.packing import pack
 from r3v_fast.engine.stream import (Skip, StepBatch, measure_lengths, rank_share, step_loader,
                                     workers_started)
 from r3v_fast.engine.scoring import TargetLogprobs
-from r3v_fast.model.loading import pad_id
+from r3v_fast.model.loading import decoder_layer_classes, pad_id
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -131,6 +131,13 @@ def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int, **spe
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
     return scheduler
+
+
+def is_fsdp(accelerator) -> bool:
+    """Whether the model is sharded with FSDP (r3v_fast.train sets it up: FSDP2 only)."""
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -324,6 +331,18 @@ class Trainer:
             set_rng_states(load_plain(rng))
         return step
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained model's whole state dict as CPU tensors on the main process (empty on the
+        others). Every rank must call it: under FSDP each tensor is all-gathered in turn, and
+        only the main process keeps a copy, so host memory holds one model, on one process."""
+        keep = self.accelerator.is_main_process
+        state = {}
+        for name, value in self.model.state_dict().items():
+            value = full_tensor(value)
+            if keep:
+                state[name] = value.cpu()
+        return state
+
     # ----------------------------------------------------------------------------- plan
     def _gather(self, value) -> list:
         """``value`` of every rank, in rank order (a list of one on a single process)."""
@@ -412,6 +431,9 @@ class Trainer:
         params = [p for p in wrapper.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
         scheduler = lr_schedule(optimizer, opts.lr_scheduler, opts.warmup_steps, len(steps))
+        if is_fsdp(acc) and not acc.state.fsdp_plugin.transformer_cls_names_to_wrap:
+            # Each decoder layer its own FSDP2 unit (fully_shard, applied by prepare).
+            acc.state.fsdp_plugin.transformer_cls_names_to_wrap = decoder_layer_classes(self.model)
         wrapper, optimizer = acc.prepare(wrapper, optimizer)
         start = self._load_state(wrapper, optimizer, scheduler)
         if start:
@@ -456,11 +478,15 @@ class Trainer:
             raise
         finally:
             bar.close()
-        self.model = acc.unwrap_model(wrapper).model
+        self.model = acc.unwrap_model(wrapper).model     # sharded under FSDP: see full_state_dict
         summary = {"steps": len(steps), "examples": n_kept, "dropped": dict(dropped), "history": history,
                    "seconds": time.time() - t0, "data_path": opts.data_path}
         for key in ("computed_tokens", "example_tokens", "target_tokens"):   # this call's steps, all ranks
             summary[key] = int(sum(r[key] for r in history))
+        if is_fsdp(acc):          # how the model was cut: FSDP2 units (decoder layers, head, root)
+            from torch.distributed.fsdp import FSDPModule
+
+            summary["fsdp_units"] = sum(isinstance(m, FSDPModule) for m in wrapper.modules())
         summary.update(self._plan_report)
         summary.update(self._data_report(image_stats))
         return summary
