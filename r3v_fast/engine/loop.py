@@ -219,7 +219,7 @@ class Run:
         if self.acc.is_main_process:
             model, _ = load_vlm(init, dtype=torch.float32 if self.cfg.train.lora_r <= 0 else self.dtype,
                                 device="cpu", trust_remote_code=self.cfg.model.trust_remote_code)
-            model = apply_lora(model, self.cfg.train)
+            model = apply_lora(model, self.cfg.train, seed=self.cfg.run.seed)
             model.load_state_dict(state)
             del state
             self.dir.save_checkpoint(model, processor, iteration)
@@ -305,7 +305,7 @@ class Run:
         # trains small adapters on top of weights held in the run's dtype.
         model, processor = load_vlm(init, dtype=torch.float32 if cfg.train.lora_r <= 0 else self.dtype,
                                     device=str(self.acc.device), trust_remote_code=cfg.model.trust_remote_code)
-        model = apply_lora(model, cfg.train)
+        model = apply_lora(model, cfg.train, seed=cfg.run.seed)
         trainer = Trainer(model, processor, self.acc, cfg.train, self.dir.train_state_dir,
                           log=self.log, show_progress=cfg.run.progress, seed=cfg.run.seed,
                           on_step=self.step_logger(iteration))

@@ -71,11 +71,6 @@ class TargetLogprobs(torch.nn.Module):
         # Looked up per call rather than stored: a second reference to lm_head would register it
         # twice (duplicate state-dict keys, shared modules under FSDP).
         lm_head, backbone = lm_head_and_backbone(self.model)
-        if hasattr(lm_head, "unshard"):
-            # FSDP2 (accelerate puts the LM head in a unit of its own): the head's forward never
-            # runs here, so its weight is gathered explicitly; FSDP reshards it, and
-            # reduce-scatters its gradient, at the end of the backward as for any unit.
-            lm_head.unshard()
         if batch.tree is not None and self._text_config._attn_implementation != ATTENTION_NAME:
             enable_tree_attention(self.model)   # switched away meanwhile (e.g. by a sampler)
         hidden = backbone(**batch.model_inputs())                           # [B, T, D]

@@ -66,15 +66,21 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss: training stops, naming the step and the batch's questions."""
 
 
-def apply_lora(model, options: TrainOptions):
-    """Wrap the language model's linear layers with LoRA adapters (the vision tower stays frozen)."""
+def apply_lora(model, options: TrainOptions, seed: int = 0):
+    """Wrap the language model's linear layers with LoRA adapters (the vision tower stays frozen).
+
+    The adapters' random initialisation is drawn from ``seed`` (the global random state is left
+    as it was): every rank starts from the same adapters, which FSDP needs, since each rank
+    keeps its own shard of what it initialised, and a run is reproducible."""
     if options.lora_r <= 0:
         return model
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                         target_modules=LORA_TARGETS, bias="none")
-    return get_peft_model(model, config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def plan_steps(examples: Sequence[Example], batch_size: int, epochs: int, seed: int) -> list[list[int]]:

@@ -228,3 +228,26 @@ def test_a_pickle_in_the_saved_optimizer_state_is_refused(model_and_examples, tm
     with pytest.raises(TrainStateError, match=r"optimizer\.pt: refused to load: not a plain tensor file"):
         _state_trainer(model, processor, state).train(examples)
     assert not marker.exists()
+
+
+def test_lora_adapters_start_from_the_seed_whatever_the_global_random_state(model_and_examples):
+    """Every rank (and every run) must start from the same adapters: under FSDP each rank keeps
+    its own shard of what it initialised."""
+    import copy
+
+    from r3v_fast.engine.trainer import apply_lora
+
+    model, _, _ = model_and_examples
+    opts = TrainOptions(lora_r=4, lora_alpha=8)
+    adapters = []
+    for global_seed in (1, 2):
+        untouched = torch.rand(1, generator=torch.Generator().manual_seed(global_seed))
+        torch.manual_seed(global_seed)
+        lora = apply_lora(copy.deepcopy(model), opts, seed=7)
+        adapters.append({n: p.detach().clone() for n, p in lora.named_parameters() if "lora_A" in n})
+        assert torch.equal(torch.rand(1), untouched)                      # the global state is left alone
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+    assert any(bool(v.abs().sum()) for v in adapters[0].values())          # drawn, not zeros
+    other = apply_lora(copy.deepcopy(model), opts, seed=8)
+    assert not all(torch.equal(adapters[0][n], p.detach()) for n, p in other.named_parameters() if n in adapters[0])
