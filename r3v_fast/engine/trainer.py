@@ -441,6 +441,10 @@ class Trainer:
             # Each decoder layer its own FSDP2 unit (fully_shard, applied by prepare).
             acc.state.fsdp_plugin.transformer_cls_names_to_wrap = decoder_layer_classes(self.model)
         wrapper, optimizer = acc.prepare(wrapper, optimizer)
+        # Training's random draws (LoRA dropout) start from (seed, rank), whatever ran before in
+        # this process, so that a run is reproducible; a resumed run then takes the saved states.
+        random.seed(f"{self.seed}:{acc.process_index}")
+        torch.manual_seed(self.seed * 65_536 + acc.process_index)
         start = self._load_state(wrapper, optimizer, scheduler)
         if start:
             self.log(f"resuming training at step {start}/{len(steps)}")
