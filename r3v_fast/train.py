@@ -3,8 +3,9 @@
 With no arguments it runs the embedded default: the synthetic shapes-math task with the
 project's tiny VLM, on the CPU, and prints a table of held-out accuracy per iteration. With
 ``--preset public --model DIR --data FILE --test-data FILE`` (or ``--config run.json``) it runs
-on a real local Hugging Face VLM. Under ``accelerate launch`` it runs data-parallel (DDP /
-FSDP), with sampling sharded by question. ``--help`` lists every setting with the value the
+on a real local Hugging Face VLM. Under ``accelerate launch`` it runs data-parallel (DDP or
+FSDP2, as the accelerate config file says: configs/accelerate/), with sampling sharded by
+question. ``--help`` lists every setting with the value the
 chosen preset gives it; ``--print-config`` prints the resolved configuration and exits.
 
 Exit codes: 0 done, 2 bad configuration or input (found before any work starts),

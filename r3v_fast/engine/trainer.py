@@ -22,10 +22,11 @@ its image up front and packs each step in the training process. Both give the sa
 micro-batches. A question whose image cannot be read is left out, logged once with its error
 and reported in the summary (``skipped``, ``skipped_questions``).
 
-Runs as one process or under ``accelerate launch`` (DDP / FSDP): groups of a step are dealt
+Runs as one process or under ``accelerate launch`` (DDP / FSDP2): groups of a step are dealt
 out to ranks, and each rank loads only its own groups; every rank runs the same number of
 micro-batches (a rank with fewer repeats its last one with weight 0), and only the main
-process writes checkpoints.
+process writes files. Under FSDP2 each decoder layer is a ``fully_shard`` unit; saved tensors
+are gathered into full tensors first (docs/architecture.md, "Several processes").
 
 Training state (trainable weights, optimizer, scheduler, RNG states, step) is saved every
 ``save_every`` steps and when interrupted (Ctrl-C / SIGTERM), so ``--resume`` continues
