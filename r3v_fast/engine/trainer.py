@@ -166,14 +166,25 @@ def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return full.to(param.device, param.dtype)
 
 
-def full_optimizer_state(optimizer) -> dict:
+def gathered(tensors, keep: bool) -> Iterator:
+    """(key, full CPU tensor) for each (key, tensor) pair, every rank taking part in each gather;
+    the value is None where ``keep`` is false, so that only one process holds the whole copy
+    in host memory."""
+    for key, value in tensors:
+        value = full_tensor(value)
+        yield key, (value.cpu() if keep else None)
+
+
+def full_optimizer_state(optimizer, keep: bool = True) -> dict | None:
     """``optimizer.state_dict()`` with every DTensor (FSDP2 shards of the moments) gathered into a
-    full CPU tensor, so that the file does not depend on the number of ranks."""
+    full CPU tensor, so that the file does not depend on the number of ranks; None where
+    ``keep`` is false (every rank must call it: the gathers are collectives)."""
     state = optimizer.state_dict()
-    return {"state": {index: {key: full_tensor(value).cpu() if torch.is_tensor(value) else value
-                              for key, value in sorted(entry.items())}
-                      for index, entry in sorted(state["state"].items())},
-            "param_groups": state["param_groups"]}
+    full = {}
+    for index, entry in sorted(state["state"].items()):
+        tensors = sorted((k, v) for k, v in entry.items() if torch.is_tensor(v))
+        full[index] = {**{k: v for k, v in entry.items() if not torch.is_tensor(v)}, **dict(gathered(tensors, keep))}
+    return {"state": full, "param_groups": state["param_groups"]} if keep else None
 
 
 def load_full_optimizer_state(optimizer, state: dict) -> None:
@@ -264,10 +275,13 @@ class Trainer:
     # cannot run code), rng_rank<r>.pt (each rank's RNG states, which LoRA dropout draws from).
     # A save writes a new folder, then replaces current.json atomically, then removes older
     # folders: a kill at any point leaves the previous state or the new one, never none.
-    def _trainable_state(self, wrapper) -> dict[str, torch.Tensor]:
-        """Trainable weights as full CPU tensors, on every rank (a collective under FSDP)."""
+    def _trainable_state(self, wrapper) -> dict[str, torch.Tensor] | None:
+        """Trainable weights as full CPU tensors on the main process, None on the others (every
+        rank must call it: under FSDP each tensor is all-gathered)."""
         model = self.accelerator.unwrap_model(wrapper).model
-        return {n: full_tensor(p).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        keep = self.accelerator.is_main_process
+        weights = dict(gathered(((n, p) for n, p in model.named_parameters() if p.requires_grad), keep))
+        return {n: w.contiguous() for n, w in weights.items()} if keep else None
 
     def _save_state(self, wrapper, optimizer, scheduler, step: int) -> None:
         acc = self.accelerator
@@ -284,7 +298,7 @@ class Trainer:
         acc.wait_for_everyone()
         # Gathered on every rank (FSDP shards are all-gathered), written by the main process.
         weights = self._trainable_state(wrapper)
-        optimizer_state = full_optimizer_state(optimizer)
+        optimizer_state = full_optimizer_state(optimizer, keep=acc.is_main_process)
         torch.save(rng_states(), folder / f"rng_rank{acc.process_index}.pt")
         if acc.is_main_process:
             from safetensors.torch import save_file
@@ -343,12 +357,7 @@ class Trainer:
         others). Every rank must call it: under FSDP each tensor is all-gathered in turn, and
         only the main process keeps a copy, so host memory holds one model, on one process."""
         keep = self.accelerator.is_main_process
-        state = {}
-        for name, value in self.model.state_dict().items():
-            value = full_tensor(value)
-            if keep:
-                state[name] = value.cpu()
-        return state
+        return {n: v for n, v in gathered(self.model.state_dict().items(), keep) if keep}
 
     # ----------------------------------------------------------------------------- plan
     def _gather(self, value) -> list:
