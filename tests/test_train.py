@@ -342,3 +342,16 @@ def test_fsdp_train_interrupt_resume_and_a_checkpoint_for_plain_transformers(tin
     assert changed                                      # training moved the weights
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_fsdp_version_1_or_fsdp_without_ranks_is_a_usage_error(tiny_qwen2vl_dir, shapes_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    """What `accelerate launch` sets for an FSDP config, in a plain process: version 1 is
+    refused (r3v_fast runs FSDP2 only), and FSDP without distributed ranks says how to launch."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, tmp_path / "r1")) == 2
+    assert "runs FSDP2 (fully_shard) only: set fsdp_version: 2" in capsys.readouterr().err
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, tmp_path / "r2")) == 2
+    assert "configs/accelerate/fsdp.yaml" in capsys.readouterr().err
