@@ -12,7 +12,9 @@
 # 4. runs the cascade attention and sampler tests on CUDA, and their GPU benchmarks (the sampler
 #    benchmark: continuous shared vs grouped vs hf on the Qwen2-VL-2B shape, forced lengths
 #    uniform 64-384, K = 8; results in bench/results/sampler.json);
-# 5. runs the tree-packing tests and benchmark.
+# 5. runs the tree-packing tests and benchmark;
+# 6. runs `python -m r3v_fast.train --preset smoke` under FSDP2 with one process
+#    (configs/accelerate/fsdp.yaml) and loads its checkpoint with plain transformers.
 # R3V_GPU_CHECK_ONLY=fused_loss stops after step 3 (the sampler and packing checks take minutes).
 # Writes bench/results/<device>.json, bench/results/gpu_tests.xml, bench/results/gpu_check.log.
 # Exit status: non-zero if the install, a test or a benchmark failed (the later steps still run).
@@ -88,6 +90,24 @@ echo "== tree packing"
 python -m pytest tests/model/test_tree_attention.py tests/engine/test_packing.py tests/test_scoring.py \
     -q -rs -p no:cacheprovider || status=1
 python -m pytest bench/bench_packing.py -q -s -rs -p no:cacheprovider || status=1
+
+echo "== FSDP2 on the GPU: one process, configs/accelerate/fsdp.yaml, shipped tiny model, smoke preset"
+# The CUDA path of FSDP (accelerate sets it up itself; no CPU override), bf16 mixed precision:
+# train, save and merge the checkpoint, sample from it. The run directory is thrown away.
+rm -rf /tmp/r3v_fsdp_gpu
+accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
+    -m r3v_fast.train --preset smoke --run-dir /tmp/r3v_fsdp_gpu --progress false --save-every 2 \
+    && python - <<'PY' || status=1
+import json
+from transformers import AutoModelForImageTextToText
+records = [json.loads(line) for line in open("/tmp/r3v_fsdp_gpu/metrics.jsonl")]
+train = next(r for r in records if r["phase"] == "train")
+assert train.get("fsdp_units", 0) > 1, train
+AutoModelForImageTextToText.from_pretrained("/tmp/r3v_fsdp_gpu/checkpoints/iter_001")
+print("gpu_check: FSDP run ok:", train["fsdp_units"], "FSDP units,", train["steps"], "steps,",
+      "peak", train["peak_memory_bytes"] / 2**20, "MiB")
+PY
+[[ -f /tmp/r3v_fsdp_gpu/metrics.jsonl ]] || status=1
 
 echo "== done (status $status); results:"
 ls -l bench/results

@@ -3,8 +3,9 @@
 With no arguments it runs the embedded default: the synthetic shapes-math task with the
 project's tiny VLM, on the CPU, and prints a table of held-out accuracy per iteration. With
 ``--preset public --model DIR --data FILE --test-data FILE`` (or ``--config run.json``) it runs
-on a real local Hugging Face VLM. Under ``accelerate launch`` it runs data-parallel (DDP /
-FSDP), with sampling sharded by question. ``--help`` lists every setting with the value the
+on a real local Hugging Face VLM. Under ``accelerate launch`` it runs data-parallel (DDP or
+FSDP2, as the accelerate config file says: configs/accelerate/), with sampling sharded by
+question. ``--help`` lists every setting with the value the
 chosen preset gives it; ``--print-config`` prints the resolved configuration and exits.
 
 Exit codes (each failure ends as one ``error:`` line naming the file, phase and step):
@@ -91,6 +92,50 @@ def tracker_config(cfg: RunConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
 
 
+def fsdp_plugin():
+    """The FSDP2 plugin when the launch asks for FSDP, else None.
+
+    ``accelerate launch`` asks for it with ``distributed_type: FSDP`` in the config file
+    (configs/accelerate/fsdp.yaml) or ``--use_fsdp``, both of which set ACCELERATE_USE_FSDP=true
+    in every rank's environment. r3v_fast runs FSDP2 (``fully_shard``) only: each decoder layer
+    is its own unit (transformer_based_wrap; the layer class is filled in from the model when
+    training starts), the rest of the model one root unit. Other FSDP_* settings of the config
+    (offloading, resharding) are read from the environment by the plugin as usual.
+    """
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    if os.environ.get("FSDP_VERSION", "2") != "2":
+        raise UsageError(f"the accelerate config asks for FSDP version {os.environ['FSDP_VERSION']}; r3v_fast "
+                         "runs FSDP2 (fully_shard) only: set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+
+
+def use_fsdp_on_cpu(accelerator, plugin) -> None:
+    """On a machine without CUDA accelerate runs an FSDP launch as DDP over gloo (MULTI_CPU),
+    silently. Setting the state's distributed type and plugin drives the same FSDP2 path the
+    GPU takes (``prepare`` applies ``fully_shard``; gloo has the all-gather and reduce-scatter
+    it needs), so FSDP runs, and is tested, on the CPU."""
+    from accelerate.utils import DistributedType
+
+    if plugin is None or accelerator.distributed_type == DistributedType.FSDP:
+        return
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise UsageError(f"FSDP was asked for, but accelerate set up {accelerator.distributed_type}: launch "
+                         "with `accelerate launch --config_file configs/accelerate/fsdp.yaml` "
+                         "(on a CPU-only machine: --num_processes 2 or more)")
+    from accelerate.state import PartialState
+
+    # Both shared states: AcceleratorState() copies PartialState's fields whenever it is built
+    # again (accelerate's utilities do), which would turn the run back into MULTI_CPU.
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = resolved_config(argv)
@@ -125,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--warmup-round needs warm-up data (--warmup-data)")
         check_prompt_lengths(cfg, data, model_dir)
         trackers = check_trackers(cfg.run.report_to)
+        plugin = fsdp_plugin()
         # cpu=True on a machine without CUDA: otherwise accelerate ignores a multi-process launch
         # (each rank would believe it is alone) instead of using gloo. The trackers' directory is
         # the run directory's, set once it is known (accelerate wants one at construction).
         accelerator = Accelerator(mixed_precision="bf16" if resolve_bf16(cfg.model.bf16) else "no",
-                                  cpu=not torch.cuda.is_available(), log_with=trackers,
+                                  cpu=not torch.cuda.is_available(), log_with=trackers, fsdp_plugin=plugin,
                                   project_config=ProjectConfiguration(project_dir=".", logging_dir="."))
+        use_fsdp_on_cpu(accelerator, plugin)
         # The main process creates (or finds) the run directory and records a resume's changes;
         # the others follow its choice and read the configuration it saved.
         if accelerator.is_main_process:

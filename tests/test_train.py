@@ -101,16 +101,17 @@ def test_bad_inputs_exit_2(tiny_qwen2vl_dir, shapes_dir, tmp_path, capsys):
     assert not (tmp_path / "r2").exists()                    # nothing started
 
 
-def test_two_processes_under_accelerate(tiny_qwen2vl_dir, shapes_dir, tmp_path):
+TIMING = ("seconds", "iteration_seconds", "build_seconds", "plan_seconds", "batch_ready_s", "data_wait_s",
+          "tokens_per_s", "image_cpu_s", "peak_memory_bytes", "memory_kind", "chunks_per_rank")
+
+
+def test_two_processes_under_accelerate_match_one(tiny_qwen2vl_dir, shapes_dir, tmp_path):
+    """DDP over gloo with configs/accelerate/ddp.yaml (on a machine without CUDA the torchrun
+    launcher gives two MULTI_CPU ranks): sampling sharded by question, and the pool, the
+    evaluation rows and the metrics of a 1-process run."""
     pytest.importorskip("accelerate")
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process; the torchrun launcher
-    # (`--multi_gpu`) on a machine without CUDA gives two MULTI_CPU ranks over gloo.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "r3v_fast.train", *smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    run_dir, single = tmp_path / "run", tmp_path / "single"
+    proc = launch("ddp.yaml", *smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     pool = Pool(run_dir / "pool")
     ids = [s.question_id for s in pool.samples()]
@@ -122,6 +123,22 @@ def test_two_processes_under_accelerate(tiny_qwen2vl_dir, shapes_dir, tmp_path):
     assert phases(run_dir) == [(1, "bootstrap"), (1, "train"), (1, "eval")]
     boot = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert sorted(boot["chunks_per_rank"]) == [1, 2]                       # both ranks sampled
+
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, single, "--eval-base", "false")) == 0
+    for shard in shards:
+        assert (run_dir / "pool" / "iter_001" / shard).read_text() == (single / "pool" / "iter_001" / shard).read_text()
+    assert (run_dir / "eval" / "iter_001.jsonl").read_text() == (single / "eval" / "iter_001.jsonl").read_text()
+    two, one = (
+        [{k: v for k, v in m.items() if k not in TIMING}
+         for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())] for d in (run_dir, single))
+    assert len(two) == len(one)
+    for a, b in zip(two, one):
+        assert a.keys() == b.keys()
+        for key in a:        # training sums run in another order over 2 ranks: float rounding only
+            if isinstance(a[key], float) and a["phase"].startswith("train"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["phase"], key)
+            else:
+                assert a[key] == b[key], (a["phase"], key)
 
 
 def test_resume_after_interrupt_during_training(tiny_qwen2vl_dir, shapes_dir, tmp_path, monkeypatch, capsys):
@@ -141,8 +158,8 @@ def test_resume_after_interrupt_during_training(tiny_qwen2vl_dir, shapes_dir, tm
     args = smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false", "--batch-size", "2",
                       "--epochs", "2")
     assert train.main(args) == 130
-    state = json.loads((run_dir / "train_state" / "step.json").read_text())
-    assert state == {"step": 2}                          # steps 0 and 1 are kept
+    state = json.loads((run_dir / "train_state" / "current.json").read_text())
+    assert state["step"] == 2                            # steps 0 and 1 are kept
     assert train.main(["--resume", "--run-dir", str(run_dir), "--progress", "false"]) == 0
     assert "resuming training at step 2/" in capsys.readouterr().out
     assert not (run_dir / "train_state").exists()        # cleaned up once the checkpoint is saved
@@ -184,6 +201,40 @@ def test_resume_samples_a_damaged_pool_shard_again(tiny_qwen2vl_dir, shapes_dir,
     assert shard.read_text() == intact                   # the same draws as the first time
     ids = [s.question_id for s in pool.samples()]
     assert len(ids) == 36 and all(ids.count(q) == 3 for q in set(ids))
+
+
+class Killed(BaseException):
+    """A kill -9 stand-in: no handler catches it, so nothing is saved on the way out."""
+
+
+def test_a_kill_before_the_training_phase_is_marked_resumes_from_the_saved_step(tiny_qwen2vl_dir, shapes_dir,
+                                                                                  tmp_path, monkeypatch, capsys):
+    """Training is over and its checkpoint written, but the run dies before "train:1" reaches
+    progress.json. The training state is still there, so the resumed run picks up at the last
+    saved step instead of training again from step 0; it is removed once the phase is marked."""
+    from r3v_fast.engine import loop
+
+    run_dir = tmp_path / "run"
+    real_mark = loop.Run.mark
+
+    def mark(self, key, metrics=None):
+        if key == "train:1":
+            raise Killed
+        real_mark(self, key, metrics)
+
+    monkeypatch.setattr(loop.Run, "mark", mark)
+    args = smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, "--eval-base", "false", "--batch-size", "4",
+                      "--save-every", "1")
+    with pytest.raises(Killed):
+        train.main(args)
+    monkeypatch.undo()
+    saved = json.loads((run_dir / "train_state" / "current.json").read_text())["step"]
+    assert saved > 0
+    capsys.readouterr()
+    assert train.main(["--resume", "--run-dir", str(run_dir), "--progress", "false"]) == 0
+    assert f"resuming training at step {saved}/{saved + 1}" in capsys.readouterr().out
+    assert not (run_dir / "train_state").exists()
+    assert phases(run_dir) == [(1, "bootstrap"), (1, "train"), (1, "eval")]
 
 
 def test_shortened_default_run_on_the_shipped_checkpoint(tmp_path):
@@ -273,8 +324,9 @@ def test_diverged_run_says_how_to_resume_and_resume_takes_the_lower_lr(tiny_qwen
 
     damaged = tmp_path / "damaged"
     shutil.copytree(run_dir, damaged)
-    for part in (damaged / "train_state").iterdir():
-        part.write_bytes(b"\x00garbage")
+    for part in (damaged / "train_state").rglob("*"):
+        if part.is_file():
+            part.write_bytes(b"\x00garbage")
     assert train.main(["--resume", "--run-dir", str(damaged), "--progress", "false"]) == 4
     err = capsys.readouterr().err
     assert f"error: iteration 1 train: {damaged / 'train_state'}: the saved training state cannot be read" in err
@@ -313,3 +365,92 @@ def test_disk_full_is_one_message_and_leaves_no_temporary_files(tiny_qwen2vl_dir
     assert f"--resume --run-dir {run_dir}" in proc.stderr
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
     assert json.loads((run_dir / "progress.json").read_text()).keys() == {"bootstrap:1"}     # nothing lost
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(config: str, *args, processes: int = 2, script=None):
+    """`accelerate launch --config_file configs/accelerate/<config> --num_processes N` of
+    `-m r3v_fast.train` (or of a launcher script), on this machine's CPU cores over gloo."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    target = [str(script)] if script else ["-m", "r3v_fast.train"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / config), "--num_processes", str(processes),
+           "--mixed_precision", "no", *target, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fsdp_train_interrupt_resume_and_a_checkpoint_for_plain_transformers(tiny_qwen2vl_dir, shapes_dir,
+                                                                             tmp_path, monkeypatch, mode):
+    """FSDP2 over 2 processes on the CPU: train, interrupted at step 2 (every rank saves its
+    part of the training state), resume, and a merged checkpoint that plain transformers loads,
+    with the weights of an uninterrupted FSDP run.
+
+    How FSDP runs on a CPU: configs/accelerate/fsdp.yaml (distributed_type: FSDP, fsdp_version:
+    2) makes `accelerate launch` start torchrun ranks with ACCELERATE_USE_FSDP=true. accelerate
+    alone would run them as DDP over gloo (it enables FSDP for GPU backends only);
+    r3v_fast.train.use_fsdp_on_cpu sets the state's distributed type to FSDP and its FSDP2
+    plugin, so `Accelerator.prepare` applies `fully_shard` exactly as on GPUs, with gloo doing
+    the all-gathers and reduce-scatters. LoRA runs with dropout, so the saved RNG states matter."""
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    extra = ["--eval-base", "false", "--batch-size", "2", "--save-every", "0", "--max-train-questions", "4",
+             "--max-test-questions", "2", "--max-new-tokens", "8", "--eval-max-new-tokens", "8"]
+    if mode == "lora":
+        extra += ["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.2"]
+    run_dir, straight = tmp_path / "run", tmp_path / "straight"
+
+    monkeypatch.setenv("R3V_INTERRUPT_AT_STEP", "2")
+    killed = launch("fsdp.yaml", *smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir, *extra),
+                    script=REPO / "tests" / "interrupted_train.py")
+    monkeypatch.delenv("R3V_INTERRUPT_AT_STEP")
+    assert killed.returncode != 0 and "interrupted at step 2" in killed.stdout, killed.stderr[-3000:]
+    state = run_dir / "train_state"
+    current = json.loads((state / "current.json").read_text())
+    assert current["step"] == 2
+    assert sorted(p.name for p in (state / current["dir"]).iterdir()) == [
+        "optimizer.pt", "rng_rank0.pt", "rng_rank1.pt", "trainable.safetensors"]
+
+    resumed = launch("fsdp.yaml", "--resume", "--run-dir", str(run_dir), "--progress", "false")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming training at step 2/" in resumed.stdout
+    assert phases(run_dir) == [(1, "bootstrap"), (1, "train"), (1, "eval")]
+    summary = next(m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                   if m["phase"] == "train")
+    # One unit per decoder layer (the tiny model has 2) and the root: the wrapper the trainer
+    # shards has no get_input_embeddings, so the embeddings, vision tower, final norm and LM
+    # head stay in the root unit (whose weights the fused loss reads directly).
+    assert summary["fsdp_units"] == 2 + 1
+
+    done = launch("fsdp.yaml", *smoke_args(tiny_qwen2vl_dir, shapes_dir, straight, *extra))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+    checkpoint = run_dir / "checkpoints" / "iter_001"
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint)              # plain transformers
+    assert not any("lora" in name for name, _ in model.named_parameters())       # merged
+    a = load_file(str(checkpoint / "model.safetensors"))
+    b = load_file(str(straight / "checkpoints" / "iter_001" / "model.safetensors"))
+    base = load_file(str(Path(tiny_qwen2vl_dir) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    changed = [name for name in a if name in base and not torch.equal(a[name], base[name])]
+    assert changed                                      # training moved the weights
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_fsdp_version_1_or_fsdp_without_ranks_is_a_usage_error(tiny_qwen2vl_dir, shapes_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    """What `accelerate launch` sets for an FSDP config, in a plain process: version 1 is
+    refused (r3v_fast runs FSDP2 only), and FSDP without distributed ranks says how to launch."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, tmp_path / "r1")) == 2
+    assert "runs FSDP2 (fully_shard) only: set fsdp_version: 2" in capsys.readouterr().err
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, tmp_path / "r2")) == 2
+    assert "configs/accelerate/fsdp.yaml" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from r3v_fast.engine.report import format_row, write_plot
 from r3v_fast.engine.rundir import RunDir
 from r3v_fast.engine.sampler import HFSampler, Request, SamplingParams
 from r3v_fast.engine.tasks import build_examples
-from r3v_fast.engine.trainer import Trainer, apply_lora
+from r3v_fast.engine.trainer import Trainer, apply_lora, is_fsdp
 from r3v_fast.model.loading import load_vlm, tokenizer_of
 
 __all__ = ["RunData", "load_run_data", "chat_special_tokens", "record_check", "check_prompt_lengths",
@@ -308,6 +308,21 @@ class Run:
             self.dir.save_checkpoint(model, processor, iteration)
         self.acc.wait_for_everyone()
 
+    def save_sharded_checkpoint(self, trainer: Trainer, init: Path, processor, iteration: int) -> None:
+        """FSDP: the trained weights are gathered tensor by tensor on every rank, kept by the main
+        process only, which loads them into a fresh unsharded copy of the model (on the CPU,
+        LoRA adapters included), merges and writes it as the other paths do."""
+        state = trainer.full_state_dict()
+        trainer.model = None
+        if self.acc.is_main_process:
+            model, _ = load_vlm(init, dtype=torch.float32 if self.cfg.train.lora_r <= 0 else self.dtype,
+                                device="cpu", trust_remote_code=self.cfg.model.trust_remote_code)
+            model = apply_lora(model, self.cfg.train, seed=self.cfg.run.seed)
+            model.load_state_dict(state)
+            del state
+            self.dir.save_checkpoint(model, processor, iteration)
+        self.acc.wait_for_everyone()
+
     def sampler(self, model, processor):
         return make_sampler(self.cfg.sampling, model, processor, show_progress=self.cfg.run.progress)
 
@@ -415,14 +430,15 @@ class Run:
         # trains small adapters on top of weights held in the run's dtype.
         model, processor = load_vlm(init, dtype=torch.float32 if cfg.train.lora_r <= 0 else self.dtype,
                                     device=str(self.acc.device), trust_remote_code=cfg.model.trust_remote_code)
-        model = apply_lora(model, cfg.train)
+        model = apply_lora(model, cfg.train, seed=cfg.run.seed)
         trainer = Trainer(model, processor, self.acc, cfg.train, self.dir.train_state_dir,
                           log=self.log, show_progress=cfg.run.progress, seed=cfg.run.seed,
                           on_step=self.step_logger(iteration))
         summary = trainer.train(examples)
-        self.save_checkpoint(trainer.model, processor, iteration)
-        if self.acc.is_main_process:
-            self.dir.clear_train_state()
+        if is_fsdp(self.acc):
+            self.save_sharded_checkpoint(trainer, init, processor, iteration)
+        else:
+            self.save_checkpoint(trainer.model, processor, iteration)
         history = summary.pop("history")
         last = history[-1] if history else {}
         return {"iteration": iteration, "phase": "train", **summary,
@@ -474,6 +490,15 @@ class Run:
         summary["counts"] = {"sft": counts.get("sft", 0), "refine": counts.get("refine", 0),
                              "select": counts.get("select", 0), "warmup": counts.get("warmup", 0)}
         self.mark(f"train:{iteration}", summary)
+        self.drop_train_state()
+
+    def drop_train_state(self) -> None:
+        """Remove the training state of a phase marked done. The mark comes first: a kill between
+        the two leaves a finished phase and a stale state, which the next resume removes here
+        (a kill before the mark resumes training from the saved step)."""
+        if self.acc.is_main_process:
+            self.dir.clear_train_state()
+        self.acc.wait_for_everyone()
 
     def eval_phase(self, iteration: int, model_path: Path, t_start: float | None = None) -> None:
         if self.done(f"eval:{iteration}"):
@@ -503,6 +528,7 @@ class Run:
             if not self.done("train:0"):
                 self.phase = "iteration 0 train"
                 self.train_phase(0)
+            self.drop_train_state()
             self.eval_phase(0, self.dir.checkpoint(0), t_start)
         for t in range(1, cfg.loop.iterations + 1):
             t_start = time.time()
@@ -515,6 +541,7 @@ class Run:
                 self.phase = f"iteration {t} train"
                 self.repair_pool(t)
                 self.train_phase(t)
+            self.drop_train_state()
             self.eval_phase(t, self.dir.checkpoint(t), t_start)
         if self.acc.is_main_process:
             write_plot(self.metrics(), self.dir.plot_path, title=self.dir.path.name)

@@ -10,7 +10,7 @@ checkpoints.
       metrics.jsonl     one JSON object per phase (and per training step)
       accuracy.png      held-out accuracy per iteration
       pool/             every sample (r3v_fast.engine.pool)
-      train_state/      the in-flight training state (r3v_fast.engine.trainer)
+      train_state/      the in-flight training state: current.json names its folder (r3v_fast.engine.trainer)
       checkpoints/iter_<t>/   merged HF model + processor (safetensors)
       eval/iter_<t>.jsonl     per-question evaluation rows
 

@@ -22,14 +22,18 @@ its image up front and packs each step in the training process. Both give the sa
 micro-batches. A question whose image cannot be read is left out, logged once with its error
 and reported in the summary (``skipped``, ``skipped_questions``).
 
-Runs as one process or under ``accelerate launch`` (DDP / FSDP): groups of a step are dealt
+Runs as one process or under ``accelerate launch`` (DDP / FSDP2): groups of a step are dealt
 out to ranks, and each rank loads only its own groups; every rank runs the same number of
 micro-batches (a rank with fewer repeats its last one with weight 0), and only the main
-process writes checkpoints.
+process writes files. Under FSDP2 each decoder layer is a ``fully_shard`` unit; saved tensors
+are gathered into full tensors first (docs/architecture.md, "Several processes").
 
-Training state (trainable weights, optimizer, scheduler, step) is saved every
+Training state (trainable weights, optimizer, scheduler, RNG states, step) is saved every
 ``save_every`` steps and when interrupted (Ctrl-C / SIGTERM), so ``--resume`` continues
-from the last saved step with the same batch order.
+from the last saved step with the same batch order. A save replaces the previous one
+atomically (a new folder, then a pointer file switched by rename), and the saved tensors are
+full tensors gathered from every rank, so a state saved under FSDP resumes under any number
+of processes. Files are read back with ``weights_only=True``: a pickle placed there is refused.
 
 Non-finite steps: a state is saved only once its weights have been seen to give a finite loss
 and gradient, i.e. the state at step s is written inside step s, after its forward and
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import sys
 import time
@@ -60,7 +65,7 @@ from r3v_fast.engine.packing import pack
 from r3v_fast.engine.stream import (Skip, StepBatch, measure_lengths, rank_share, step_loader,
                                     workers_started)
 from r3v_fast.engine.scoring import TargetLogprobs
-from r3v_fast.model.loading import pad_id
+from r3v_fast.model.loading import decoder_layer_classes, pad_id
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -87,15 +92,21 @@ def resumed_hyperparameters(optimizer, scheduler, options: TrainOptions) -> None
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def apply_lora(model, options: TrainOptions):
-    """Wrap the language model's linear layers with LoRA adapters (the vision tower stays frozen)."""
+def apply_lora(model, options: TrainOptions, seed: int = 0):
+    """Wrap the language model's linear layers with LoRA adapters (the vision tower stays frozen).
+
+    The adapters' random initialisation is drawn from ``seed`` (the global random state is left
+    as it was): every rank starts from the same adapters, which FSDP needs, since each rank
+    keeps its own shard of what it initialised, and a run is reproducible."""
     if options.lora_r <= 0:
         return model
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                         target_modules=LORA_TARGETS, bias="none")
-    return get_peft_model(model, config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def plan_steps(examples: Sequence[Example], batch_size: int, epochs: int, seed: int) -> list[list[int]]:
@@ -154,6 +165,95 @@ def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int, **spe
     return scheduler
 
 
+def is_fsdp(accelerator) -> bool:
+    """Whether the model is sharded with FSDP (r3v_fast.train sets it up: FSDP2 only)."""
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (an FSDP2 shard) is all-gathered (a collective: every rank
+    calls it, in the same order), a plain tensor is returned detached."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor().detach() if isinstance(t, DTensor) else t.detach()
+
+
+def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` in the layout of ``param``: its device and dtype, and its shard when ``param`` is
+    a DTensor (each rank keeps its own part of the full tensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device_mesh.device_type, param.dtype), param.device_mesh,
+                                 param.placements)
+    return full.to(param.device, param.dtype)
+
+
+def gathered(tensors, keep: bool) -> Iterator:
+    """(key, full CPU tensor) for each (key, tensor) pair, every rank taking part in each gather;
+    the value is None where ``keep`` is false, so that only one process holds the whole copy
+    in host memory."""
+    for key, value in tensors:
+        value = full_tensor(value)
+        yield key, (value.cpu() if keep else None)
+
+
+def full_optimizer_state(optimizer, keep: bool = True) -> dict | None:
+    """``optimizer.state_dict()`` with every DTensor (FSDP2 shards of the moments) gathered into a
+    full CPU tensor, so that the file does not depend on the number of ranks; None where
+    ``keep`` is false (every rank must call it: the gathers are collectives)."""
+    state = optimizer.state_dict()
+    full = {}
+    for index, entry in sorted(state["state"].items()):
+        tensors = sorted((k, v) for k, v in entry.items() if torch.is_tensor(v))
+        full[index] = {**{k: v for k, v in entry.items() if not torch.is_tensor(v)}, **dict(gathered(tensors, keep))}
+    return {"state": full, "param_groups": state["param_groups"]} if keep else None
+
+
+def load_full_optimizer_state(optimizer, state: dict) -> None:
+    """Inverse of ``full_optimizer_state``: load, then cut each moment of a sharded parameter
+    back to this rank's shard."""
+    optimizer.load_state_dict(state)
+    inner = getattr(optimizer, "optimizer", optimizer)       # accelerate's AcceleratedOptimizer
+    for group in inner.param_groups:
+        for param in group["params"]:
+            entry = inner.state.get(param, {})
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    entry[key] = like(param, value)
+
+
+def rng_states() -> dict:
+    """This process's random states (Python, torch CPU, CUDA): LoRA dropout draws from torch's."""
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_plain(path: Path):
+    """``torch.load`` of tensors and plain containers only (``weights_only=True``): a file that
+    would need arbitrary unpickling (and could run code) is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainStateError(f"{path}: refused to load: not a plain tensor file ({reason}). It was not "
+                              f"written by r3v_fast; remove {path.parent.parent} to restart this training "
+                              "phase from step 0") from None
+
+
 @contextmanager
 def interrupts_as_keyboard_interrupt():
     """Turn SIGTERM into KeyboardInterrupt so that a kill also saves the training state."""
@@ -192,47 +292,95 @@ class Trainer:
         self._nonfinite_skipped = 0        # non-finite steps skipped in this train() call
 
     # ----------------------------------------------------------------------------- state
-    def _trainable_state(self, wrapper) -> dict[str, torch.Tensor]:
+    # train_state/ holds ``current.json`` ({"step": n, "dir": "step_<n>_<stamp>"}) and the folder
+    # it names: trainable.safetensors (trainable weights, full tensors), optimizer.pt (optimizer
+    # and scheduler state, full tensors; read with weights_only=True, so a pickle placed there
+    # cannot run code), rng_rank<r>.pt (each rank's RNG states, which LoRA dropout draws from).
+    # A save writes a new folder, then replaces current.json atomically, then removes older
+    # folders: a kill at any point leaves the previous state or the new one, never none.
+    def _trainable_state(self, wrapper) -> dict[str, torch.Tensor] | None:
+        """Trainable weights as full CPU tensors on the main process, None on the others (every
+        rank must call it: under FSDP each tensor is all-gathered)."""
         model = self.accelerator.unwrap_model(wrapper).model
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        keep = self.accelerator.is_main_process
+        weights = dict(gathered(((n, p) for n, p in model.named_parameters() if p.requires_grad), keep))
+        return {n: w.contiguous() for n, w in weights.items()} if keep else None
 
     def _save_state(self, wrapper, optimizer, scheduler, step: int) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        folder = self.state_dir / f"step_{step:07d}_{time.time_ns()}"
+        if acc.num_processes > 1:            # every rank writes into the main process's folder
+            from accelerate.utils import broadcast_object_list
+
+            chosen = [str(folder)]
+            broadcast_object_list(chosen)
+            folder = Path(chosen[0])
+        if acc.is_main_process:
+            folder.mkdir(parents=True)
+        acc.wait_for_everyone()
+        # Gathered on every rank (FSDP shards are all-gathered), written by the main process.
+        weights = self._trainable_state(wrapper)
+        optimizer_state = full_optimizer_state(optimizer, keep=acc.is_main_process)
+        torch.save(rng_states(), folder / f"rng_rank{acc.process_index}.pt")
+        if acc.is_main_process:
             from safetensors.torch import save_file
 
-            tmp = self.state_dir.with_name(self.state_dir.name + ".tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
-            save_file(self._trainable_state(wrapper), str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       tmp / "optimizer.pt")
-            (tmp / "step.json").write_text(json.dumps({"step": step}))
-            if self.state_dir.exists():
-                import shutil
+            save_file(weights, str(folder / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
+                       folder / "optimizer.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            from r3v_fast.engine.rundir import atomic_write_text
 
-                shutil.rmtree(self.state_dir)
-            tmp.rename(self.state_dir)
-        self.accelerator.wait_for_everyone()
+            atomic_write_text(self.state_dir / "current.json", json.dumps({"step": step, "dir": folder.name}))
+            for old in self.state_dir.iterdir():
+                if old.is_dir() and old.name != folder.name:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def saved_step(self) -> tuple[int, Path | None]:
+        """(step, folder) of the saved training state, (0, None) when there is none."""
+        pointer = self.state_dir / "current.json"
+        if not pointer.exists():
+            return 0, None
+        try:
+            current = json.loads(pointer.read_text())
+            return int(current["step"]), self.state_dir / current["dir"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise RuntimeError(f"{pointer}: unreadable training state pointer ({err}); remove "
+                               f"{self.state_dir} to restart this training phase from step 0") from None
 
     def _load_state(self, wrapper, optimizer, scheduler) -> int:
-        if not (self.state_dir / "step.json").exists():
+        step, folder = self.saved_step()
+        if folder is None:
             return 0
         from safetensors.torch import load_file
 
         model = self.accelerator.unwrap_model(wrapper).model
-        weights = load_file(str(self.state_dir / "trainable.safetensors"))
+        weights = load_file(str(folder / "trainable.safetensors"))
         missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
         if missing:
-            raise RuntimeError(f"{self.state_dir}: saved training state does not match the model "
+            raise RuntimeError(f"{folder}: saved training state does not match the model "
                                f"(missing {missing[:3]}...)")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in weights:
-                    p.copy_(weights[n].to(p.device, p.dtype))
-        opt = torch.load(self.state_dir / "optimizer.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        return json.loads((self.state_dir / "step.json").read_text())["step"]
+                    p.copy_(like(p, weights[n]))
+        saved = load_plain(folder / "optimizer.pt")
+        load_full_optimizer_state(optimizer, saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        rng = folder / f"rng_rank{self.accelerator.process_index}.pt"
+        if rng.exists():
+            set_rng_states(load_plain(rng))
+        return step
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained model's whole state dict as CPU tensors on the main process (empty on the
+        others). Every rank must call it: under FSDP each tensor is all-gathered in turn, and
+        only the main process keeps a copy, so host memory holds one model, on one process."""
+        keep = self.accelerator.is_main_process
+        return {n: v for n, v in gathered(self.model.state_dict().items(), keep) if keep}
 
     # ----------------------------------------------------------------------------- plan
     def _gather(self, value) -> list:
@@ -322,9 +470,18 @@ class Trainer:
         params = [p for p in wrapper.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
         scheduler = lr_schedule(optimizer, opts.lr_scheduler, opts.warmup_steps, len(steps))
+        if is_fsdp(acc) and not acc.state.fsdp_plugin.transformer_cls_names_to_wrap:
+            # Each decoder layer its own FSDP2 unit (fully_shard, applied by prepare).
+            acc.state.fsdp_plugin.transformer_cls_names_to_wrap = decoder_layer_classes(self.model)
         wrapper, optimizer = acc.prepare(wrapper, optimizer)
+        # Training's random draws (LoRA dropout) start from (seed, rank), whatever ran before in
+        # this process, so that a run is reproducible; a resumed run then takes the saved states.
+        random.seed(f"{self.seed}:{acc.process_index}")
+        torch.manual_seed(self.seed * 65_536 + acc.process_index)
         try:
             start = self._load_state(wrapper, optimizer, scheduler)
+        except TrainStateError:
+            raise
         except Exception as err:       # whatever a damaged file makes its reader raise
             raise TrainStateError(f"{self.state_dir}: the saved training state cannot be read ({err}); "
                                   "delete that folder to restart this training phase from step 0") from err
@@ -339,7 +496,7 @@ class Trainer:
         self._last_batch = None
         bar = tqdm(total=len(steps), initial=start, desc="training", unit="step",
                    disable=not (self.show_progress and acc.is_main_process))
-        step = start
+        step = completed = start          # completed: optimizer steps done (what a save records)
         if opts.data_path == "eager":
             batches_of = nullcontext(self._eager_batches(source, steps, start))
         else:
@@ -354,6 +511,7 @@ class Trainer:
                         raise RuntimeError(f"the data path delivered step {step_batch.step} for step {step}")
                     self._note_loaded(step_batch, image_stats)
                     record = self._step(wrapper, optimizer, scheduler, step_batch, step)
+                    completed = step + 1
                     # Seconds since train() began: at the end of the step and when its batches
                     # were ready; and how long the step waited for them.
                     record.update(seconds=time.time() - t0, batch_ready_s=ready - t0, data_wait_s=ready - asked)
@@ -364,17 +522,21 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                 step = end
         except KeyboardInterrupt:
-            self.log(f"interrupted at step {step}: saving training state to {self.state_dir}")
-            self._save_state(wrapper, optimizer, scheduler, step)
+            self.log(f"interrupted at step {completed}: saving training state to {self.state_dir}")
+            self._save_state(wrapper, optimizer, scheduler, completed)
             raise
         finally:
             bar.close()
-        self.model = acc.unwrap_model(wrapper).model
+        self.model = acc.unwrap_model(wrapper).model     # sharded under FSDP: see full_state_dict
         summary = {"steps": len(steps), "examples": n_kept, "dropped": dict(dropped), "history": history,
                    "seconds": time.time() - t0, "data_path": opts.data_path,
                    "nonfinite_skipped": self._nonfinite_skipped}
         for key in ("computed_tokens", "example_tokens", "target_tokens"):   # this call's steps, all ranks
             summary[key] = int(sum(r[key] for r in history))
+        if is_fsdp(acc):          # how the model was cut: FSDP2 units (decoder layers, head, root)
+            from torch.distributed.fsdp import FSDPModule
+
+            summary["fsdp_units"] = sum(isinstance(m, FSDPModule) for m in wrapper.modules())
         summary.update(self._plan_report)
         summary.update(self._data_report(image_stats))
         return summary

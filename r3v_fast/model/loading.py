@@ -221,6 +221,16 @@ def pad_id(processor) -> int:
     raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token")
 
 
+def decoder_layer_classes(model) -> list[str]:
+    """Class names of the language model's decoder layers (e.g. ["Qwen2VLDecoderLayer"]): the
+    units FSDP shards one by one (``transformer_cls_names_to_wrap``)."""
+    base = unwrap_peft(model)
+    for name, module in base.named_modules():
+        if name.endswith("language_model.layers") and isinstance(module, nn.ModuleList) and len(module):
+            return sorted({type(layer).__name__ for layer in module})
+    raise ValueError(f"{type(base).__name__}: no language_model.layers list found to shard layer by layer")
+
+
 def lm_head_and_backbone(model) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
     """Split a *ForConditionalGeneration VLM (or a peft wrapper of one) into (lm_head, backbone).
 

@@ -2,6 +2,8 @@
 loss mixes are exact over a step split into micro-batches, a NaN stops training with the
 batch's questions, and a step plan never splits a question group."""
 
+import json
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -240,3 +242,128 @@ def test_a_resumed_state_takes_the_new_learning_rate_and_schedule():
     new.step()
     schedule.step()
     assert new.param_groups[0]["lr"] == pytest.approx(0.5 * 4 / 8)   # the 8th step
+
+
+# --------------------------------------------------------------------------- the saved state
+class Killed(BaseException):
+    """A kill -9 stand-in: no handler catches it, so nothing is saved on the way out."""
+
+
+def _state_trainer(model, processor, state_dir, **options):
+    import copy
+
+    opts = TrainOptions(epochs=2, lr=1e-2, batch_size=3, max_tokens=4096, lora_r=0, save_every=1, warmup_steps=1,
+                        **options)
+    return Trainer(copy.deepcopy(model), processor, Accelerator(cpu=True), opts, state_dir, show_progress=False,
+                   log=lambda *a: None)
+
+
+def _weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("window", ["before the pointer switch", "before the old state is removed"])
+def test_a_kill_while_saving_keeps_a_state_to_resume_from(model_and_examples, tmp_path, monkeypatch, window):
+    """Steps are saved after every step (4 steps: 2 groups, 2 epochs). The save after step 2 is
+    killed either once its folder is written but before current.json points to it, or right
+    after the switch, before the older folder is removed. The resumed run continues from step 1
+    or 2, not 0, and ends at the uninterrupted run's weights."""
+    from r3v_fast.engine import rundir as rundir_module
+    from r3v_fast.engine import trainer as trainer_module
+
+    model, processor, examples = model_and_examples
+    straight = _state_trainer(model, processor, tmp_path / "straight")
+    assert straight.train(examples)["steps"] == 4
+    expected = _weights(straight)
+
+    state = tmp_path / "state"
+    real_write, real_rmtree = rundir_module.atomic_write_text, trainer_module.shutil.rmtree
+
+    def write(path, text):
+        if window == "before the pointer switch" and '"step": 2' in text:
+            raise Killed
+        real_write(path, text)
+
+    def rmtree(path, *args, **kwargs):
+        if window == "before the old state is removed" and "step_0000001" in str(path):
+            raise Killed
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir_module, "atomic_write_text", write)
+    monkeypatch.setattr(trainer_module.shutil, "rmtree", rmtree)
+    with pytest.raises(Killed):
+        _state_trainer(model, processor, state).train(examples)
+    monkeypatch.undo()
+
+    saved = 1 if window == "before the pointer switch" else 2
+    assert json.loads((state / "current.json").read_text())["step"] == saved
+    resumed = _state_trainer(model, processor, state)
+    history = resumed.train(examples)["history"]
+    assert [r["step"] for r in history] == list(range(saved, 4))         # not from step 0
+    for name, value in _weights(resumed).items():
+        assert torch.allclose(value, expected[name], rtol=1e-5, atol=1e-6), name
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): a file appears if the pickle is run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_in_the_saved_optimizer_state_is_refused(model_and_examples, tmp_path, monkeypatch):
+    from r3v_fast.engine import trainer as trainer_module
+    from r3v_fast.engine.trainer import TrainStateError
+
+    model, processor, examples = model_and_examples
+    state = tmp_path / "state"
+    real_step = trainer_module.Trainer._step
+
+    def killed_at_step_1(self, wrapper, optimizer, scheduler, step_batch, step):
+        if step == 1:
+            raise KeyboardInterrupt                # Ctrl-C: the state of step 1 is saved
+        return real_step(self, wrapper, optimizer, scheduler, step_batch, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", killed_at_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        _state_trainer(model, processor, state).train(examples)
+    monkeypatch.undo()
+    folder = state / json.loads((state / "current.json").read_text())["dir"]
+
+    # The payload works: a plain unpickler creates its marker.
+    probe = tmp_path / "probe.pt"
+    torch.save(_Payload(tmp_path / "probe-ran"), probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-ran").exists()
+
+    marker = tmp_path / "payload-ran"
+    torch.save(_Payload(marker), folder / "optimizer.pt")
+    with pytest.raises(TrainStateError, match=r"optimizer\.pt: refused to load: not a plain tensor file"):
+        _state_trainer(model, processor, state).train(examples)
+    assert not marker.exists()
+
+
+def test_lora_adapters_start_from_the_seed_whatever_the_global_random_state(model_and_examples):
+    """Every rank (and every run) must start from the same adapters: under FSDP each rank keeps
+    its own shard of what it initialised."""
+    import copy
+
+    from r3v_fast.engine.trainer import apply_lora
+
+    model, _, _ = model_and_examples
+    opts = TrainOptions(lora_r=4, lora_alpha=8)
+    adapters = []
+    for global_seed in (1, 2):
+        untouched = torch.rand(1, generator=torch.Generator().manual_seed(global_seed))
+        torch.manual_seed(global_seed)
+        lora = apply_lora(copy.deepcopy(model), opts, seed=7)
+        adapters.append({n: p.detach().clone() for n, p in lora.named_parameters() if "lora_A" in n})
+        assert torch.equal(torch.rand(1), untouched)                      # the global state is left alone
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+    assert any(bool(v.abs().sum()) for v in adapters[0].values())          # drawn, not zeros
+    other = apply_lora(copy.deepcopy(model), opts, seed=8)
+    assert not all(torch.equal(adapters[0][n], p.detach()) for n, p in other.named_parameters() if n in adapters[0])

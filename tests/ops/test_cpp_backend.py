@@ -298,3 +298,91 @@ def test_weighted_nll_empty_and_bad_inputs():
     with pytest.raises(ValueError, match=r"targets\[2\] = 5 is out of range"):
         cpp_backend.weighted_nll_fwd(hidden, weight, None, torch.tensor([0, 1, 5, 2]), torch.ones(4), 0.0,
                                      True, False, False)
+
+
+# --------------------------------------------------------------------------- under FSDP2
+_FSDP_WORKER = '''
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from r3v_fast.ops import weighted_nll
+
+D, V, T = 24, 37, 9                      # V odd: the two shards of the head are unequal
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+
+class Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(V, D) / D ** 0.5)
+
+    def forward(self, h, t, w):
+        return weighted_nll(h, self.weight, t, w, backend="cpp")
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(D, D)
+        self.head = Head()
+
+    def forward(self, x, t, w):
+        return self.head(torch.tanh(self.proj(x)), t, w)
+
+
+torch.manual_seed(0)
+model = Model()
+init = {n: p.detach().clone() for n, p in model.named_parameters()}
+fully_shard(model.head)                  # its own unit: resharded (storage freed) after forward
+fully_shard(model)
+gen = torch.Generator().manual_seed(1 + rank)                    # each rank its own batch
+x, t, w = torch.randn(T, D, generator=gen), torch.randint(0, V, (T,), generator=gen), torch.rand(T, generator=gen)
+losses = []
+for _ in range(2):                       # gathered, freed and gathered again
+    loss = model(x, t, w)
+    loss.backward()
+    losses.append(loss.detach())
+grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+if rank == 0:
+    torch.save({"init": init, "grads": grads, "losses": losses}, sys.argv[1])
+dist.destroy_process_group()
+'''
+
+
+def test_cpp_backend_under_fully_shard(tmp_path):
+    """The head's weight is an FSDP2-managed parameter whose storage is freed after each
+    forward (resize to 0) and re-allocated for the backward; the C++ backend must read it
+    without pinning its storage (formerly: "Trying to resize storage that is not resizable").
+    Two gloo ranks, each on its own batch, two forward/backward passes; the loss and the
+    reduce-scattered gradients (the mean over ranks, accumulated twice) match float64."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    script, out = tmp_path / "worker.py", tmp_path / "out.pt"
+    script.write_text(_FSDP_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = torch.load(out)
+
+    D, V, T = 24, 37, 9
+    params = {n: p.double().requires_grad_() for n, p in result["init"].items()}
+    ref_losses = []
+    for rank in range(2):
+        gen = torch.Generator().manual_seed(1 + rank)
+        x, t, w = torch.randn(T, D, generator=gen), torch.randint(0, V, (T,), generator=gen), torch.rand(T, generator=gen)
+        h = torch.tanh(x.double() @ params["proj.weight"].T + params["proj.bias"])              # [T, D]
+        logp = torch.log_softmax(h @ params["head.weight"].T, dim=-1)                             # [T, V]
+        loss = -(w.double() * logp.gather(1, t[:, None])[:, 0]).sum()
+        (loss * 2 / 2).backward()          # two passes, averaged over two ranks
+        ref_losses.append(loss.detach())
+    assert result["losses"][0].item() == pytest.approx(ref_losses[0].item(), rel=1e-5)
+    assert result["losses"][1].item() == pytest.approx(ref_losses[0].item(), rel=1e-5)
+    for name, grad in result["grads"].items():
+        ref = params[name].grad
+        assert (grad.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6, name
