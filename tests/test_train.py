@@ -55,6 +55,49 @@ def test_smoke_run(tiny_qwen2vl_dir, shapes_dir, tmp_path, capsys):
     assert "| iter | pass@1 |" in out
 
 
+def _spin(stop):
+    while not stop.is_set():
+        pass
+
+
+def test_same_results_while_other_processes_load_the_cores(tiny_qwen2vl_dir, shapes_dir, tmp_path):
+    """A run is a function of its settings, its machine's instruction set and its thread count,
+    not of the machine's load: the same smoke run, once alone and once next to busy processes on
+    every core, gives byte-identical pool shards and evaluation rows, the same metrics and the
+    same final weights."""
+    import multiprocessing
+
+    from safetensors.torch import load_file
+
+    quiet, loaded = tmp_path / "quiet", tmp_path / "loaded"
+    assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, quiet)) == 0
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    spinners = [context.Process(target=_spin, args=(stop,), daemon=True) for _ in range(2 * (os.cpu_count() or 1))]
+    for p in spinners:
+        p.start()
+    try:
+        assert train.main(smoke_args(tiny_qwen2vl_dir, shapes_dir, loaded)) == 0
+    finally:
+        stop.set()
+        for p in spinners:
+            p.join(timeout=10)
+    for folder in ("pool", "eval"):
+        files = sorted(f.relative_to(quiet) for f in (quiet / folder).rglob("*") if f.is_file())
+        assert files and files == sorted(f.relative_to(loaded) for f in (loaded / folder).rglob("*") if f.is_file())
+        for f in files:
+            assert (quiet / f).read_bytes() == (loaded / f).read_bytes(), f
+
+    def numbers(run_dir):    # every metric but the clocks
+        rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        return [{k: v for k, v in r.items() if not k.endswith("_s") and "second" not in k and "per_s" not in k
+                 and "memory" not in k and "wait" not in k and "time" not in k} for r in rows]
+
+    assert numbers(quiet) == numbers(loaded)
+    a, b = (load_file(d / "checkpoints" / "iter_001" / "model.safetensors") for d in (quiet, loaded))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_after_interrupt(tiny_qwen2vl_dir, shapes_dir, tmp_path, monkeypatch):
     from r3v_fast.engine import sampler as sampler_module
 

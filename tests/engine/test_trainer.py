@@ -127,8 +127,9 @@ def test_a_diverged_update_is_never_saved(model_and_examples, tmp_path):
         trainer.train(examples)
     import json
 
-    assert json.loads((tmp_path / "state" / "step.json").read_text()) == {"step": 2}
-    saved = load_file(str(tmp_path / "state" / "trainable.safetensors"))
+    current = json.loads((tmp_path / "state" / "current.json").read_text())
+    assert current["step"] == 2
+    saved = load_file(str(tmp_path / "state" / current["dir"] / "trainable.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
     # the saved weights are those step 2 started from, not those its update made
     assert not torch.equal(saved["lm_head.weight"], seen["updated"]["lm_head.weight"])
@@ -258,7 +259,7 @@ def _state_trainer(model, processor, state_dir, **options):
                    log=lambda *a: None)
 
 
-def _weights(trainer):
+def _trainer_weights(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
@@ -274,7 +275,7 @@ def test_a_kill_while_saving_keeps_a_state_to_resume_from(model_and_examples, tm
     model, processor, examples = model_and_examples
     straight = _state_trainer(model, processor, tmp_path / "straight")
     assert straight.train(examples)["steps"] == 4
-    expected = _weights(straight)
+    expected = _trainer_weights(straight)
 
     state = tmp_path / "state"
     real_write, real_rmtree = rundir_module.atomic_write_text, trainer_module.shutil.rmtree
@@ -300,7 +301,7 @@ def test_a_kill_while_saving_keeps_a_state_to_resume_from(model_and_examples, tm
     resumed = _state_trainer(model, processor, state)
     history = resumed.train(examples)["history"]
     assert [r["step"] for r in history] == list(range(saved, 4))         # not from step 0
-    for name, value in _weights(resumed).items():
+    for name, value in _trainer_weights(resumed).items():
         assert torch.allclose(value, expected[name], rtol=1e-5, atol=1e-6), name
 
 
