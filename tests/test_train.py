@@ -375,10 +375,14 @@ def test_diverged_run_says_how_to_resume_and_resume_takes_the_lower_lr(tiny_qwen
     assert f"error: iteration 1 train: {damaged / 'train_state'}: the saved training state cannot be read" in err
 
     assert train.main(["--resume", "--run-dir", str(run_dir), "--lr", "1e-4", "--progress", "false"]) == 0
-    assert "resuming training at step 2/" in capsys.readouterr().out
-    steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-             if m["phase"] == "train_step"]
-    assert [m["lr"] for m in steps] == [1e-3, 1e-3] + [1e-4] * (len(steps) - 2)
+    # The state of step s is saved inside step s, before its update (a diverged update is never
+    # saved), so the run resumes at step 1, the last step whose state was written.
+    assert "resuming training at step 1/" in capsys.readouterr().out
+    steps = {}
+    for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if m["phase"] == "train_step":
+            steps[m["step"]] = m["lr"]                    # a step logged again: the newest row counts
+    assert [steps[s] for s in sorted(steps)] == [1e-3] + [1e-4] * (len(steps) - 1)
     assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 1e-4
     [entry] = [json.loads(line) for line in (run_dir / "resume_log.jsonl").read_text().splitlines()]
     assert entry["changes"] == {"lr": [1e-3, 1e-4]}          # --progress false was the recorded value
