@@ -14,7 +14,10 @@
 #    uniform 64-384, K = 8; results in bench/results/sampler.json);
 # 5. runs the tree-packing tests and benchmark;
 # 6. runs `python -m r3v_fast.train --preset smoke` under FSDP2 with one process
-#    (configs/accelerate/fsdp.yaml) and loads its checkpoint with plain transformers.
+#    (configs/accelerate/fsdp.yaml) and loads its checkpoint with plain transformers;
+# 7. times one whole R³V iteration, phase by phase, r3v_fast vs the public-style pipeline on a
+#    Qwen2-VL-2B-shaped workload (bench/bench_iteration.py -k gpu; results in
+#    bench/results/iteration.json). R3V_GPU_CHECK_SKIP_ITERATION=1 leaves it out.
 # R3V_GPU_CHECK_ONLY=fused_loss stops after step 3 (the sampler and packing checks take minutes).
 # Writes bench/results/<device>.json, bench/results/gpu_tests.xml, bench/results/gpu_check.log.
 # Exit status: non-zero if the install, a test or a benchmark failed (the later steps still run).
@@ -108,6 +111,11 @@ print("gpu_check: FSDP run ok:", train["fsdp_units"], "FSDP units,", train["step
       "peak", train["peak_memory_bytes"] / 2**20, "MiB")
 PY
 [[ -f /tmp/r3v_fsdp_gpu/metrics.jsonl ]] || status=1
+
+if [[ -z "${R3V_GPU_CHECK_SKIP_ITERATION:-}" ]]; then
+    echo "== one R³V iteration, phase by phase (r3v_fast vs public-style, Qwen2-VL-2B shape)"
+    python -m pytest bench/bench_iteration.py -k gpu -q -s -rs -p no:cacheprovider || status=1
+fi
 
 echo "== done (status $status); results:"
 ls -l bench/results
