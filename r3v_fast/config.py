@@ -559,7 +559,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(f"cannot read config file {path}: {err}") from None
-    values = flatten_json(loaded)
+    try:
+        values = flatten_json(loaded)
+    except UsageError as err:
+        raise UsageError(f"{path}: {err}") from None
     unknown = sorted(set(values) - set(FIELD_GROUP))
     if unknown:
         raise UsageError(f"{path}: unknown config fields {unknown}")

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from r3v_fast.engine.loop import Run, chat_special_tokens, check_prompt_lengths, load_processor, load_run_data
     from r3v_fast.engine.report import results_table
     from r3v_fast.engine.rundir import RunDir
-    from r3v_fast.engine.trainer import TrainingDiverged, TrainStateError
+    from r3v_fast.engine.trainer import TrainingDiverged, TrainStateError, interrupts_as_keyboard_interrupt
     from r3v_fast.model.loading import ModelLoadError, check_model_dir
     from r3v_fast.model.tiny import default_model_dir
 
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         # the others follow its choice and read the configuration it saved.
         if accelerator.is_main_process:
             cfg, run_dir = RunDir.resume(cfg, args.given, record=True) if cfg.run.resume else RunDir.create(cfg)
+            run_dir.remove_temporaries()      # what writes cut short by a kill left behind
         chosen = [str(run_dir.path) if accelerator.is_main_process else None]
         if accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(cfg, run_dir, model_dir, data, accelerator)
     resume = f"python -m r3v_fast.train --resume --run-dir {run_dir.path}"
     try:
-        metrics = run.run()
+        with interrupts_as_keyboard_interrupt():      # SIGTERM in any phase: exit 130, resumable
+            metrics = run.run()
     except KeyboardInterrupt:
         print(f"\ninterrupted: continue with  {resume}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -110,6 +110,9 @@ def test_bad_config_files_and_values_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="--iterations must be at least 1"):
         parse(["--iterations", "0"]).validate()
     assert train.main(["--config", str(tmp_path / "missing.json")]) == 2
+    bad.write_text("[1, 2]")
+    with pytest.raises(UsageError, match=r"bad\.json: a configuration file must hold a JSON object"):
+        parse(["--config", str(bad)])
 
 
 def test_eval_ks():

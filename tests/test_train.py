@@ -98,6 +98,30 @@ def test_same_results_while_other_processes_load_the_cores(tiny_qwen2vl_dir, sha
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_outside_training_exits_130_and_resume_clears_leftover_temporaries(tiny_qwen2vl_dir, shapes_dir,
+                                                                                      tmp_path):
+    """SIGTERM during the first evaluation (before any training) is an interrupt like Ctrl-C:
+    exit 130 with the resume command, not death by the signal. A temporary file that a write
+    cut short by a kill left in the run directory is removed when the run is resumed."""
+    run_dir = tmp_path / "run"
+    args = smoke_args(tiny_qwen2vl_dir, shapes_dir, run_dir)
+    code = ("import os, signal, sys\n"
+            "from r3v_fast import train\n"
+            "from r3v_fast.engine import loop\n"
+            "loop.Run.eval_phase = lambda self, *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"sys.exit(train.main({args!r}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    assert f"interrupted: continue with  python -m r3v_fast.train --resume --run-dir {run_dir}" in proc.stderr
+    leftover = run_dir / ".progress.json.k2j4x.tmp"
+    leftover.write_text("{")
+    assert train.main(["--resume", "--run-dir", str(run_dir), "--progress", "false"]) == 0
+    assert not leftover.exists()
+    assert phases(run_dir) == [(0, "eval"), (1, "bootstrap"), (1, "train"), (1, "eval")]
+
+
 def test_resume_after_interrupt(tiny_qwen2vl_dir, shapes_dir, tmp_path, monkeypatch):
     from r3v_fast.engine import sampler as sampler_module
 

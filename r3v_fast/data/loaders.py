@@ -190,14 +190,15 @@ def split_choices(text: str) -> tuple[str, tuple[str, ...] | None]:
     The options must be the last lines, labelled A, B, C, ... in order, at least two of them.
     """
     lines = text.rstrip().split("\n")
-    options: list[str] = []
+    options: list[str] = []            # collected from the last line up, reversed once (linear)
     i = len(lines)
     while i > 0:
         match = _OPTION_LINE.fullmatch(lines[i - 1].strip())
         if not match:
             break
-        options.insert(0, match.group(1) + match.group(2))
+        options.append(match.group(1) + match.group(2))
         i -= 1
+    options.reverse()
     labels = "".join(o[0] for o in options)
     if len(options) < 2 or labels != OPTION_LETTERS[:len(options)]:
         return text.strip(), None
