@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import signal
 import sys
@@ -248,7 +249,11 @@ def load_plain(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # torch's message suggests re-running with weights_only=False, the opposite of what a
+        # refused state file deserves: keep only the unpickler's own reason.
+        found = re.search(r"WeightsUnpickler error: ([^\n]+?)(?: was not an allowed global|$)", str(err),
+                          re.MULTILINE)
+        reason = found.group(1).strip() if found else "it holds objects other than tensors"
         raise TrainStateError(f"{path}: refused to load: not a plain tensor file ({reason}). It was not "
                               f"written by r3v_fast; remove {path.parent.parent} to restart this training "
                               "phase from step 0") from None
