@@ -126,8 +126,8 @@ def detect_format(path: str | os.PathLike, items=None) -> str:
     if isinstance(first, tuple):  # dict keyed by id
         return "tabmwp"
     if not isinstance(first, dict):
-        raise DataError(f"{path}: cannot detect the format (no well-formed item); pass fmt=",
-                        "unknown format")
+        raise DataError(f"{path}: cannot detect the format (no well-formed item); pass fmt= "
+                        "(--data-format)", "unknown format")
     keys = set(first)
     if {"id", "image", "question", "answer", "dataset"} <= keys:
         return "jsonl"
@@ -142,9 +142,9 @@ def detect_format(path: str | os.PathLike, items=None) -> str:
         if name in ("geoqa", "m3cot"):
             return name
         raise DataError(f"{path}: multiple-choice file, but the name tells neither geoqa nor "
-                        "m3cot; pass fmt='geoqa' or fmt='m3cot'", "unknown format")
-    raise DataError(f"{path}: cannot detect the format from keys {sorted(keys)}; pass fmt=",
-                    "unknown format")
+                        "m3cot; pass fmt='geoqa' or fmt='m3cot' (--data-format)", "unknown format")
+    raise DataError(f"{path}: cannot detect the format from keys {sorted(keys)}; pass fmt= "
+                    "(--data-format)", "unknown format")
 
 
 def _field(obj, names: tuple[str, ...], where: str, *, required: bool = True):

@@ -126,7 +126,7 @@ def test_multiple_choice(tmp_path, png, name):
     # a multiple-choice file whose name (and folder name) says neither dataset needs fmt=
     (tmp_path / "plain").mkdir()
     unnamed = _dump_lines(tmp_path / "plain" / "mc.jsonl", items)
-    with pytest.raises(DataError, match="pass fmt="):
+    with pytest.raises(DataError, match=r"pass fmt=.*\(--data-format\)"):
         load_dataset(unnamed)
     assert load_dataset(unnamed, fmt=name)[0][0].answer == "C"
 
