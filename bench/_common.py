@@ -22,7 +22,7 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = ["RESULTS_DIR", "device_key", "machine", "cpu_seconds", "cuda_ms", "cuda_peak_bytes",
-           "save_result", "load_results"]
+           "save_result", "load_results", "ForceLength"]
 
 
 def _slug(text: str) -> str:
@@ -97,6 +97,25 @@ def cuda_peak_bytes(fn: Callable[[], object]) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+class ForceLength:
+    """A logits processor (for transformers' ``LogitsProcessorList``, first in the list) that
+    fixes each row's generation length: row r may not stop before ``lengths[r]`` new tokens and
+    must stop at it (every stop token banned before, only the first one allowed then). Benchmarks
+    with random-weight models use it, which never end a sequence by themselves."""
+
+    def __init__(self, lengths: list[int], stop_ids: list[int], prompt_width: int):
+        self.lengths, self.stop_ids, self.prompt_width = torch.tensor(lengths), stop_ids, prompt_width
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_width
+        at_end = (self.lengths.to(scores.device) - 1 <= step)[:, None]                # [R, 1]
+        only_stop = torch.full_like(scores, float("-inf"))
+        only_stop[:, self.stop_ids[0]] = 0.0
+        scores = scores.clone()
+        scores[:, self.stop_ids] = float("-inf")
+        return torch.where(at_end, only_stop, scores)
 
 
 def load_results(name: str) -> dict:

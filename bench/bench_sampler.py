@@ -44,19 +44,23 @@ from __future__ import annotations
 import json
 import platform
 import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from r3v_fast.data import prompts
 from r3v_fast.data.records import Record, read_records
 from r3v_fast.engine.grouped_sampler import GroupedPrefixSampler
 from r3v_fast.engine.sampler import HFSampler, Request, SamplingParams, load_images
 from r3v_fast.engine.shared_sampler import SharedPrefixSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ForceLength  # noqa: E402
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "sampler.json"
 R3V_SAMPLING = dict(temperature=0.9, top_p=0.95, top_k=50)
@@ -230,30 +234,13 @@ def make_requests(processor, folder: Path, n: int, image_px: int, prefix_tokens:
     return requests
 
 
-class _ForceLength(LogitsProcessor):
-    """First processor of the forced ``hf`` run: row r may not stop before its length and must
-    stop at it (every stop token banned before, only the first one allowed then)."""
-
-    def __init__(self, lengths: list[int], stop_ids: list[int], prompt_width: int):
-        self.lengths, self.stop_ids, self.prompt_width = torch.tensor(lengths), stop_ids, prompt_width
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_width
-        at_end = (self.lengths.to(scores.device) - 1 <= step)[:, None]                # [R, 1]
-        only_stop = torch.full_like(scores, float("-inf"))
-        only_stop[:, self.stop_ids[0]] = 0.0
-        scores = scores.clone()
-        scores[:, self.stop_ids] = float("-inf")
-        return torch.where(at_end, only_stop, scores)
-
-
 def forced(kind: str, lengths: dict, **kwargs):
     """A sampler whose branch b of request ``key`` has exactly lengths[key][b] new tokens."""
     if kind == "hf":
         class Forced(HFSampler):
             def _processors(self, batch, params, prompt_width):
                 rows = [lengths[r.key][b] for r in batch for b in range(params.k)]
-                return LogitsProcessorList([_ForceLength(rows, self.stop_ids, prompt_width),
+                return LogitsProcessorList([ForceLength(rows, self.stop_ids, prompt_width),
                                             *super()._processors(batch, params, prompt_width)])
         return Forced(**kwargs)
     base = SharedPrefixSampler if kind == "shared" else GroupedPrefixSampler

@@ -31,11 +31,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cuda_ms  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -139,29 +143,13 @@ def make_inputs(seed=0, ignore_every=0, frozen=False):
     return hidden, weight, targets
 
 
-def cuda_ms(fn, warmup=3, rounds=10) -> float:
-    """Median milliseconds of fn() by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def measure(loss_fn, hidden, weight, targets, warmup=3, rounds=10):
     """(median ms of forward + backward, peak bytes above the inputs during one step)."""
     def step():
         hidden.grad = weight.grad = None
         loss_fn(hidden, weight, targets).backward()
 
-    ms = cuda_ms(step, warmup, rounds)
+    ms = cuda_ms(step, rounds=rounds, warmup=warmup)
     hidden.grad = weight.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

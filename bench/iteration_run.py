@@ -24,8 +24,10 @@ import hashlib
 import sys
 from pathlib import Path
 
-import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ForceLength  # noqa: E402
 
 
 def _hash(*parts) -> int:
@@ -34,22 +36,6 @@ def _hash(*parts) -> int:
 
 def forced_length(key: str, branch, low: int, high: int) -> int:
     return low + _hash(key, branch) % (high - low + 1)
-
-
-class _ForceLength(LogitsProcessor):
-    """Row r may not stop before lengths[r] new tokens and must stop at it."""
-
-    def __init__(self, lengths: list[int], stop_ids: list[int], prompt_width: int):
-        self.lengths, self.stop_ids, self.prompt_width = torch.tensor(lengths), stop_ids, prompt_width
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_width
-        at_end = (self.lengths.to(scores.device) - 1 <= step)[:, None]                  # [R, 1]
-        only_stop = torch.full_like(scores, float("-inf"))
-        only_stop[:, self.stop_ids[0]] = 0.0
-        scores = scores.clone()
-        scores[:, self.stop_ids] = float("-inf")
-        return torch.where(at_end, only_stop, scores)
 
 
 def install_forced_lengths(low: int, high: int, select_tokens: int) -> None:
@@ -71,7 +57,7 @@ def install_forced_lengths(low: int, high: int, select_tokens: int) -> None:
         def _processors(self, batch, params, prompt_width):
             rows = [length(r.key, "greedy" if self._greedy_pass else b, params.max_new_tokens)
                     for r in batch for b in range(params.k)]
-            return LogitsProcessorList([_ForceLength(rows, self.stop_ids, prompt_width),
+            return LogitsProcessorList([ForceLength(rows, self.stop_ids, prompt_width),
                                         *super()._processors(batch, params, prompt_width)])
 
     def budgeted(base):

@@ -15,6 +15,14 @@ from r3v_fast import train
 from r3v_fast.engine.pool import Pool
 from r3v_fast.model.loading import load_vlm
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, timeout: int):
+    """`python -c code` in a fresh process from the repository root, on one thread."""
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
 
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
@@ -110,9 +118,7 @@ def test_sigterm_outside_training_exits_130_and_resume_clears_leftover_temporari
             "from r3v_fast.engine import loop\n"
             "loop.Run.eval_phase = lambda self, *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
             f"sys.exit(train.main({args!r}))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = run_python(code, timeout=600)
     assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
     assert f"interrupted: continue with  python -m r3v_fast.train --resume --run-dir {run_dir}" in proc.stderr
     leftover = run_dir / ".progress.json.k2j4x.tmp"
@@ -428,17 +434,12 @@ def test_disk_full_is_one_message_and_leaves_no_temporary_files(tiny_qwen2vl_dir
             "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
             "from r3v_fast import train\n"
             f"sys.exit(train.main({args!r}))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = run_python(code, timeout=900)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "error: iteration 1 train: " in proc.stderr and "Traceback" not in proc.stderr
     assert f"--resume --run-dir {run_dir}" in proc.stderr
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
     assert json.loads((run_dir / "progress.json").read_text()).keys() == {"bootstrap:1"}     # nothing lost
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def launch(config: str, *args, processes: int = 2, script=None):
