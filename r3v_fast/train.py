@@ -164,11 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             RunDir.check_new(RunDir.new_path(cfg))
         model_dir = Path(cfg.model.model) if cfg.model.model else default_model_dir()
         check_model_dir(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-        data = load_run_data(cfg.data, special_tokens=chat_special_tokens(
-            load_processor(model_dir, cfg.model.trust_remote_code)))
+        processor = load_processor(model_dir, cfg.model.trust_remote_code)     # no model weights
+        data = load_run_data(cfg.data, special_tokens=chat_special_tokens(processor))
         if cfg.loop.warmup_round and not data.warmup:
             raise UsageError("--warmup-round needs warm-up data (--warmup-data)")
-        check_prompt_lengths(cfg, data, model_dir)
+        check_prompt_lengths(cfg, data, model_dir, processor)
         trackers = check_trackers(cfg.run.report_to)
         plugin = fsdp_plugin()
         # cpu=True on a machine without CUDA: otherwise accelerate ignores a multi-process launch

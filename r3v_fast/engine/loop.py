@@ -132,15 +132,15 @@ def load_run_data(options: DataOptions, *, log=print, special_tokens=()) -> RunD
     return RunData(train=train, test=test, warmup=warmup)
 
 
-def check_prompt_lengths(cfg: RunConfig, data: RunData, model_dir: Path) -> None:
+def check_prompt_lengths(cfg: RunConfig, data: RunData, model_dir: Path, processor=None) -> None:
     """UsageError before any work when a training question's prompt leaves no room under
     ``--max-length``: every example of that question would be dropped. The error names the
     question with the longest prompt and the length it needs (prompt + one target token + end
     of turn).
 
-    Only the processor is loaded, not the model. Each question's shortest training prompt is its
-    CoT prompt (refine and select prompts add to it); a warm-up record's is the prompt it is
-    trained with. The length counts the image tokens the processor expands the image into,
+    Only the processor is needed (``processor``, or loaded from ``model_dir``), not the model.
+    Each question's shortest training prompt is its CoT prompt (refine and select prompts add to
+    it); a warm-up record's is the prompt it is trained with. The length counts the image tokens the processor expands the image into,
     computed from the image header (r3v_fast.model.image_tokens); a byte bound skips the
     tokenizer for prompts that clearly fit. ``--max-tokens`` is at least ``--max-length``
     (RunConfig.validate), so a micro-batch holds any example that passes here."""
@@ -148,7 +148,8 @@ def check_prompt_lengths(cfg: RunConfig, data: RunData, model_dir: Path) -> None
     from r3v_fast.engine.examples import ExampleLengths, who_of
     from r3v_fast.engine.stream import _image_tokens
 
-    processor = load_processor(model_dir, cfg.model.trust_remote_code)
+    if processor is None:
+        processor = load_processor(model_dir, cfg.model.trust_remote_code)
     render = prompts.renderer(processor)
     lengths = ExampleLengths(processor)
     limit = cfg.train.max_length
